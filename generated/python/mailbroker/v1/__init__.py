@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for mailbroker.v1 (do not edit)."""
