@@ -248,6 +248,8 @@ def create_dev_pki(
         ConfigurationError: a bad client name, trust domain, server name or lifetime, an unusable existing file,
             or a directory that cannot be written.
     """
+    if isinstance(clients, str) or isinstance(server_names, str):
+        raise TypeError("clients and server_names are sequences of names, not one str")
     names = list(dict.fromkeys(clients))  # de-duplicated, order kept
     for name in names:
         _check_client_name(name)
@@ -286,7 +288,8 @@ def create_dev_pki(
     if force or not _kept_pair(server_pair, ca):
         server = issue_cert(
             ca,
-            common_name=server_names[0],
+            # X.509 caps a CN at 64 characters; verifiers read the SANs anyway.
+            common_name=server_names[0] if len(server_names[0]) <= 64 else None,
             dns_sans=dns_sans,
             ip_sans=ip_sans,
             client=False,

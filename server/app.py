@@ -1,0 +1,143 @@
+"""Start-up and shutdown of the broker: wire the store, the domain and the servicers into an mTLS grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from mailbroker.v1 import account_service_pb2, account_service_pb2_grpc, mail_service_pb2, mail_service_pb2_grpc
+
+from server.api.accounts import AccountServicer
+from server.api.mail import MailServicer
+from server.config import Config
+from server.crypto.keyring import Keyring, load_keyring
+from server.crypto.opaque import OpaqueTokens
+from server.domain.accounts import Accounts
+from server.domain.audit import AuditLog
+from server.domain.blocking import BlockingPool
+from server.domain.erasure import Erasure
+from server.domain.policy import Policy
+from server.errors import ConfigurationError
+from server.interceptors.access_log import AccessLogInterceptor
+from server.interceptors.authentication import AuthenticationInterceptor
+from server.interceptors.authorization import AuthorizationInterceptor
+from server.interceptors.errors import ErrorMappingInterceptor
+from server.store.engine import checkpoint_and_vacuum, create_engine
+from server.store.migrate import upgrade
+from server.store.repository import Store
+
+log = logging.getLogger("mailbroker.app")
+
+SERVICE_NAMES = (
+    account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    mail_service_pb2.DESCRIPTOR.services_by_name["MailService"].full_name,
+)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials:
+    """Mutual TLS: the client certificate must chain to the configured client CA, or the handshake fails."""
+    return grpc.ssl_server_credentials(
+        [(_read(config.key_file, "TLS key"), _read(config.cert_file, "TLS certificate"))],
+        root_certificates=_read(config.client_ca_file, "client CA"),
+        require_client_auth=True,
+    )
+
+
+def server_options(config: Config) -> list[tuple[str, int]]:
+    s = config.server
+    return [
+        ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+        ("grpc.max_send_message_length", s.max_send_message_bytes),
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", s.keepalive_time_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", s.keepalive_timeout_seconds * 1000),
+        ("grpc.http2.min_ping_interval_without_data_ms", s.min_client_ping_interval_seconds * 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_age_ms", s.max_connection_age_seconds * 1000),
+        ("grpc.max_connection_age_grace_ms", s.max_connection_age_grace_seconds * 1000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class Broker:
+    """A running broker. ``port`` is the bound port (useful with ``HOST:0``)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    blocking: BlockingPool
+    grace: float
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: report NOT_SERVING, end open streams so clients resume elsewhere, then close."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace)
+        self.blocking.shutdown()
+        log.info("stopped", extra={"event": "shutdown"})
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start(config: Config, *, environ: Mapping[str, str] | None = None, keyring: Keyring | None = None) -> Broker:
+    """Open the store, build the services and start serving on ``config.server.listen`` with mTLS."""
+    keyring = keyring or load_keyring(config.keyring_file, environ or {})
+    credentials = server_credentials(config)
+    engine = create_engine(config.store_url)
+    upgrade(engine)
+    store = Store(engine, keyring)
+    blocking = BlockingPool(config.server.blocking_threads)
+    tokens = OpaqueTokens(keyring)
+    policy = Policy.from_config(config.effective_policy)
+
+    accounts = Accounts(store, blocking, tokens)
+    audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
+    erasure = Erasure(store, accounts, blocking, scrub=lambda: checkpoint_and_vacuum(engine))
+
+    server = grpc.aio.server(
+        interceptors=[
+            AccessLogInterceptor(),
+            AuthenticationInterceptor(policy),
+            AuthorizationInterceptor(policy),
+            ErrorMappingInterceptor(),
+        ],
+        options=server_options(config),
+    )
+    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts, audit, erasure), server)
+    mail_service_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(accounts), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+
+    try:
+        port = server.add_secure_port(config.server.listen, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigurationError(f"cannot listen on {config.server.listen} (address in use or not available)")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"event": "startup", "port": port})
+    return Broker(server, port, health, blocking, config.server.shutdown_grace_seconds)

@@ -1,0 +1,270 @@
+"""Load the broker's configuration once, from a TOML file plus environment overrides, into frozen dataclasses.
+
+Precedence, lowest first: built-in defaults, the TOML file, ``MAILBROKER_<SECTION>_<KEY>`` environment variables,
+command-line flags. With no file at all the broker runs on its embedded defaults: everything under the data
+directory (``./var``), a development PKI made on first run, a local key file, an SQLite store.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Every error is a
+:class:`~server.errors.ConfigurationError` with one line for the operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigurationError
+
+ENV_PREFIX = "MAILBROKER_"
+DEFAULT_DATA_DIR = Path("var")
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEV_TRUST_DOMAIN = "mailbroker.dev"
+DEV_CLIENT_IDENTITY = f"spiffe://{DEV_TRUST_DOMAIN}/client"
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC listener and its transport limits (see README, "Transport limits")."""
+
+    listen: str = DEFAULT_LISTEN
+    # SendMessage carries its attachments inline as protobuf bytes (no base64 growth): 25 MiB of attachments
+    # plus bodies and headers fit, anything absurd is refused before it is parsed.
+    max_receive_message_bytes: int = 32 * MiB
+    # GetMessage FULL returns bodies only (attachments are streamed in 64 KiB chunks).
+    max_send_message_bytes: int = 16 * MiB
+    # Per-connection HTTP/2 streams: a consumer multiplexing many WatchMailbox feeds on one channel.
+    max_concurrent_streams: int = 1000
+    # Server pings idle connections so dead peers free their streams.
+    keepalive_time_seconds: int = 60
+    keepalive_timeout_seconds: int = 20
+    # Clients may ping no more often than this; faster pings get the connection closed (GOAWAY).
+    min_client_ping_interval_seconds: int = 30
+    # Connections are recycled so load spreads across replicas; open feeds end with UNAVAILABLE and resume
+    # from their last token.
+    max_connection_age_seconds: int = 3600
+    max_connection_age_grace_seconds: int = 30
+    # How long shutdown waits for in-flight unary calls.
+    shutdown_grace_seconds: float = 10.0
+    # Threads for blocking work (store, provider client libraries).
+    blocking_threads: int = 16
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate and the CA that client certificates must chain to. Empty → the dev PKI."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The database. Empty url → ``sqlite:///<data_dir>/mailbroker.db``."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The key-encryption keyring. Empty file → ``<data_dir>/keys.json``; ``MAILBROKER_KEKS`` overrides it."""
+
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log level and an optional JSON-lines file (stderr always)."""
+
+    level: str = "INFO"
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """Identities (exact, or a ``prefix/*`` pattern) allowed to call methods (``*``, ``pkg.Service/*``,
+    ``pkg.Service/Method``)."""
+
+    identities: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Who may call what. No rule → deny, except the dev default when the dev PKI is in use."""
+
+    rules: tuple[PolicyRule, ...] = ()
+    # Identities that may list every tenant's audit events (ListAuditEvents with all_tenants).
+    auditors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = DEFAULT_DATA_DIR
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @property
+    def uses_dev_pki(self) -> bool:
+        return self.tls.cert is None
+
+    @property
+    def dev_pki_dir(self) -> Path:
+        return self.data_dir / "dev-pki"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.tls.cert or self.dev_pki_dir / "server.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.tls.key or self.dev_pki_dir / "server-key.pem"
+
+    @property
+    def client_ca_file(self) -> Path:
+        return self.tls.client_ca or self.dev_pki_dir / "ca.pem"
+
+    @property
+    def keyring_file(self) -> Path:
+        return self.keys.file or self.data_dir / "keys.json"
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.data_dir / 'mailbroker.db'}"
+
+    @property
+    def effective_policy(self) -> PolicyConfig:
+        if self.policy.rules or not self.uses_dev_pki:
+            return self.policy
+        # The dev PKI's CA signs only dev clients, so its trust domain is the dev default.
+        return PolicyConfig(rules=(PolicyRule(identities=(f"spiffe://{DEV_TRUST_DOMAIN}/*",), methods=("*",)),))
+
+
+def load(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config from defaults, the TOML file at ``path``, ``environ`` and ``overrides`` (dotted keys)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
+    _apply_environment(raw, environ or {})
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "MAILBROKER_KEKS":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if rest == "data_dir":
+            raw["data_dir"] = value
+            continue
+        section, _, key = rest.partition("_")
+        if section in sections and section != "policy" and key:
+            _set_dotted(raw, f"{section}.{key}", value)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _build(cls: type[Any], raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"config: [{where.rstrip('.')}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigurationError(f"config: unknown setting {where}{unknown[0]}")
+    values = {name: _convert(hints[name], raw[name], f"{where}{name}") for name in raw}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value in ("", None):
+            return None
+        (inner,) = (a for a in typing.get_args(hint) if a is not type(None))
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{where}.")  # type: ignore[arg-type]
+    if origin is tuple:
+        (inner, _) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigurationError(f"config: {where} must be a list")
+        return tuple(_convert(inner, item, f"{where}[{i}]") for i, item in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+    elif hint is int and not isinstance(value, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif hint is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is Path:
+        if isinstance(value, str):
+            return Path(value)
+    raise ConfigurationError(f"config: {where} must be {getattr(hint, '__name__', hint)}")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _validate(config: Config) -> None:
+    host, sep, port = config.server.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"config: server.listen must be HOST:PORT, got {config.server.listen!r}")
+    tls = (config.tls.cert, config.tls.key, config.tls.client_ca)
+    if any(tls) and not all(tls):
+        raise ConfigurationError("config: tls.cert, tls.key and tls.client_ca go together (or none, for the dev PKI)")
+    if config.logging.level.upper() not in LOG_LEVELS:
+        raise ConfigurationError(f"config: logging.level must be one of {', '.join(LOG_LEVELS)}")
+    for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams", "blocking_threads"):
+        if getattr(config.server, name) <= 0:
+            raise ConfigurationError(f"config: server.{name} must be positive")
+    for i, rule in enumerate(config.policy.rules):
+        if not rule.identities or not rule.methods:
+            raise ConfigurationError(f"config: policy.rules[{i}] needs identities and methods")

@@ -1,0 +1,29 @@
+"""A bounded thread pool for blocking work (the store, provider client libraries), off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class BlockingPool:
+    """Runs blocking callables in at most ``threads`` threads and awaits their results."""
+
+    def __init__(self, threads: int, name: str = "mailbroker-blocking") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        # Copy the context so call-scoped values (request id) are visible to logging in the worker thread.
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self._executor, call)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

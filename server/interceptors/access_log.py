@@ -1,0 +1,78 @@
+"""Access log: one line per call with request id, method, caller, account id, status and duration — nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from server.interceptors.context import CallInfo, current_call
+from server.interceptors.wrapping import HandlerInterceptor
+
+log = logging.getLogger("mailbroker.access")
+
+# A caller-supplied request id is echoed only when it is a short token; anything else could carry data.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+
+
+def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+            return value
+    return None
+
+
+class AccessLogInterceptor(HandlerInterceptor):
+    """Outermost interceptor: sets up the call's CallInfo and logs it when the call ends."""
+
+    @asynccontextmanager
+    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        call = CallInfo(request_id=_incoming_request_id(context) or secrets.token_hex(8), method=method)
+        current_call.set(call)
+        context.set_trailing_metadata((("x-request-id", call.request_id),))
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            yield
+        except grpc.aio.AbortError:
+            status = _status_name(context.code())
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except BaseException:
+            status = "UNKNOWN"
+            raise
+        else:
+            code = context.code()
+            if code is not None:
+                status = _status_name(code)
+        finally:
+            log.info(
+                "rpc",
+                extra={
+                    "request_id": call.request_id,
+                    "method": method,
+                    "caller": call.caller,
+                    "account": call.account,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                },
+            )
+
+
+def _status_name(code: Any) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for member in grpc.StatusCode:
+            if member.value[0] == code:
+                return member.name
+    return "UNKNOWN"

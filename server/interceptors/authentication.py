@@ -1,0 +1,58 @@
+"""Authentication: the caller's identity from its verified client certificate (URI SAN, else CN)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from server.domain.policy import Policy
+from server.domain.principal import Principal
+from server.errors import Unauthenticated
+from server.interceptors.context import current_call, current_principal
+from server.interceptors.errors import abort_with
+from server.interceptors.wrapping import HandlerInterceptor
+from server.pki import identity_from_certificate
+
+_CACHE_SIZE = 1024
+
+
+class AuthenticationInterceptor(HandlerInterceptor):
+    """Puts a Principal in ``current_principal``, or ends the call with UNAUTHENTICATED.
+
+    TLS has already verified the certificate against the client CA; this only reads who it names. Parsed
+    identities are cached by certificate, since a consumer presents the same one on every call.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._identities: OrderedDict[bytes, str | None] = OrderedDict()
+
+    def set_policy(self, policy: Policy) -> None:
+        self._policy = policy
+
+    def _identity(self, pem: bytes) -> str | None:
+        if pem in self._identities:
+            self._identities.move_to_end(pem)
+            return self._identities[pem]
+        identity = identity_from_certificate(pem)
+        self._identities[pem] = identity
+        if len(self._identities) > _CACHE_SIZE:
+            self._identities.popitem(last=False)
+        return identity
+
+    @asynccontextmanager
+    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        certs = context.auth_context().get("x509_pem_cert") or []
+        identity = self._identity(certs[0]) if certs else None
+        if identity is None:
+            await abort_with(context, Unauthenticated("a client certificate is required", reason="NO_CLIENT_IDENTITY"))
+        principal = Principal(identity=identity, tenant=self._policy.tenant_of(identity))
+        current_principal.set(principal)
+        call = current_call.get(None)
+        if call is not None:
+            call.caller = identity
+        yield

@@ -1,0 +1,72 @@
+"""The one place where the broker's exception tree becomes a gRPC status (google.rpc.Status + ErrorInfo)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import BrokerError, Internal
+from server.interceptors.context import request_id
+from server.interceptors.wrapping import HandlerInterceptor
+
+ERROR_DOMAIN = "mailbroker.v1"
+
+log = logging.getLogger("mailbroker.errors")
+
+
+def to_rpc_status(error: BrokerError) -> status_pb2.Status:
+    """google.rpc.Status for an error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))]
+    if error.field_violations:
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.field_violations
+        ]
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    code = getattr(code_pb2, error.code)
+    return status_pb2.Status(code=code, message=error.message, details=details)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: BrokerError) -> NoReturn:
+    """End the call with ``error``'s status; raises grpc.aio.AbortError like ``context.abort``."""
+    status = rpc_status.to_status(to_rpc_status(error))
+    trailing = (*status.trailing_metadata, ("x-request-id", request_id()))
+    await context.abort(status.code, status.details, trailing_metadata=trailing)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+class ErrorMappingInterceptor(HandlerInterceptor):
+    """Maps BrokerError to its status; anything unexpected becomes a generic INTERNAL with a logged traceback."""
+
+    @asynccontextmanager
+    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        try:
+            yield
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except BrokerError as exc:
+            if isinstance(exc, Internal):
+                log.error("internal error", exc_info=True, extra={"method": method, "reason": exc.reason})
+            await abort_with(context, exc)
+        except Exception:
+            # The traceback is rendered without exception messages (server.logging), so no data leaks into it.
+            log.error("unhandled error", exc_info=True, extra={"method": method, "reason": "INTERNAL"})
+            await abort_with(context, Internal())

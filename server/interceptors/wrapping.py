@@ -1,0 +1,65 @@
+"""One small helper that runs an async context manager around every kind of gRPC method handler.
+
+The aio ``ServerInterceptor`` sees only the method name; wrapping the handler's behaviour gives each interceptor
+the request's ``ServicerContext`` (auth context, metadata, abort). Streaming behaviours come in two shapes (async
+generators, and coroutines that call ``context.write``, as the health service's Watch does); both are kept.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import grpc
+
+Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
+
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """Base class: subclasses implement :meth:`around`, entered for the whole life of every call."""
+
+    def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return wrap_handler(handler, handler_call_details.method, self.around)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) -> grpc.RpcMethodHandler:
+    """Return a handler equal to ``handler`` whose behaviour runs inside ``around(method, context)``."""
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_wrap(handler.unary_unary, method, around), des, ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_wrap(handler.unary_stream, method, around), des, ser)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_wrap(handler.stream_unary, method, around), des, ser)
+    return grpc.stream_stream_rpc_method_handler(_wrap(handler.stream_stream, method, around), des, ser)
+
+
+def _wrap(behavior: Callable[..., Any], method: str, around: Around) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async with around(method, context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async with around(method, context):
+            return await behavior(request, context)
+
+    return call

@@ -1,0 +1,146 @@
+"""The hash-chained audit log: each event's digest covers its fields and the digest of the event before it.
+
+``digest = SHA-256(canonical JSON of sequence, event_id, event_time, action, tenant, actor, account_id, details,
+previous_digest)``, canonical meaning sorted keys, no whitespace, ASCII only; the first event's previous digest is
+64 zeros. Editing, deleting, reordering or inserting a row breaks the chain at or just after that row.
+
+A plain hash chain is tamper-evident, not tamper-proof: someone who can write the database can rewrite the whole
+tail consistently, and dropping the newest rows leaves a valid chain. Anchoring the head digest elsewhere (or a
+keyed MAC) closes that gap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, select
+from sqlalchemy.engine import Connection
+
+from server.domain.models import AuditEvent
+from server.store.schema import audit_events
+
+GENESIS_DIGEST = "0" * 64
+
+
+def append_event(
+    connection: Connection,
+    *,
+    event_id: str,
+    event_time: datetime,
+    action: str,
+    tenant: str,
+    actor: str,
+    account_id: str,
+    details: Mapping[str, object],
+) -> AuditEvent:
+    """Chain a new event onto the newest one, inside the caller's transaction, and return it.
+
+    The caller serialises appends; the sequence primary key still stops two writers from forking the chain.
+    """
+    newest = connection.execute(
+        select(audit_events.c.sequence, audit_events.c.digest).order_by(audit_events.c.sequence.desc()).limit(1)
+    ).one_or_none()
+    sequence, previous_digest = (1, GENESIS_DIGEST) if newest is None else (newest.sequence + 1, newest.digest)
+    event = AuditEvent(
+        sequence=sequence,
+        event_id=event_id,
+        event_time=event_time.astimezone(UTC),
+        action=action,
+        tenant=tenant,
+        actor=actor,
+        account_id=account_id,
+        details=json.loads(_canonical(dict(details))),  # a private copy, exactly as it will read back
+        previous_digest=previous_digest,
+    )
+    event = dataclasses.replace(event, digest=event_digest(event))
+    connection.execute(
+        audit_events.insert().values(
+            sequence=event.sequence,
+            event_id=event.event_id,
+            event_time=event.event_time,
+            action=event.action,
+            tenant=event.tenant,
+            actor=event.actor,
+            account_id=event.account_id,
+            details=_canonical(event.details),
+            previous_digest=event.previous_digest,
+            digest=event.digest,
+        )
+    )
+    return event
+
+
+def list_events(
+    connection: Connection, tenant: str | None, account_id: str | None, page_size: int, after_sequence: int | None
+) -> list[AuditEvent]:
+    """Return up to ``page_size`` events after ``after_sequence`` in chain order, optionally of one tenant/account."""
+    query = select(audit_events).order_by(audit_events.c.sequence).limit(page_size)
+    if tenant is not None:
+        query = query.where(audit_events.c.tenant == tenant)
+    if account_id is not None:
+        query = query.where(audit_events.c.account_id == account_id)
+    if after_sequence is not None:
+        query = query.where(audit_events.c.sequence > after_sequence)
+    return [_event_from_row(row) for row in connection.execute(query)]
+
+
+def first_broken_link(connection: Connection) -> int | None:
+    """Return the sequence of the first event whose digest or link does not check out, or None if all do."""
+    expected_previous = GENESIS_DIGEST
+    rows = connection.execution_options(yield_per=1000).execute(select(audit_events).order_by(audit_events.c.sequence))
+    for row in rows:
+        try:
+            event = _event_from_row(row)
+        except ValueError:  # details no longer JSON
+            return int(row.sequence)
+        if (
+            event.previous_digest != expected_previous
+            or row.details != _canonical(event.details)
+            or event.digest != event_digest(event)
+        ):
+            return event.sequence
+        expected_previous = event.digest
+    return None
+
+
+def event_digest(event: AuditEvent) -> str:
+    """Return the hex SHA-256 of the event's canonical encoding (every field but ``digest``)."""
+    document = {
+        "sequence": event.sequence,
+        "event_id": event.event_id,
+        "event_time": event.event_time.astimezone(UTC).isoformat(timespec="microseconds"),
+        "action": event.action,
+        "tenant": event.tenant,
+        "actor": event.actor,
+        "account_id": event.account_id,
+        "details": event.details,
+        "previous_digest": event.previous_digest,
+    }
+    return hashlib.sha256(_canonical(document).encode("ascii")).hexdigest()
+
+
+def _canonical(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _event_from_row(row: Row[Any]) -> AuditEvent:
+    details = json.loads(row.details)
+    if not isinstance(details, dict):
+        raise ValueError("audit details are not a JSON object")
+    return AuditEvent(
+        sequence=row.sequence,
+        event_id=row.event_id,
+        event_time=row.event_time,
+        action=row.action,
+        tenant=row.tenant,
+        actor=row.actor,
+        account_id=row.account_id,
+        details=details,
+        previous_digest=row.previous_digest,
+        digest=row.digest,
+    )

@@ -1,0 +1,28 @@
+"""Schema migrations, run programmatically (no alembic.ini) on a given engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection, Engine
+
+from server.store.engine import WRITE_INTENT
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def upgrade(engine: Engine) -> None:
+    """Migrate the database behind ``engine`` to the newest revision, in one transaction; a no-op when current."""
+    with engine.execution_options(**{WRITE_INTENT: True}).begin() as connection:
+        command.upgrade(alembic_config(connection), "head")
+
+
+def alembic_config(connection: Connection) -> Config:
+    """Return an Alembic config for this package's migrations that runs on ``connection``."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    return config

@@ -1,0 +1,308 @@
+"""The store's data-access class: domain types in and out, every secret and personal value sealed on the way down.
+
+Each account has its own random data key, wrapped by the keyring's current KEK (``data_keys``). The account's
+profile and its secrets are sealed with that data key, with AAD naming table, column, account id and
+``SCHEMA_VERSION``, so a ciphertext moved to another row or column does not open. Callers never see ciphertext.
+
+Thread safety: the engine's pool hands each call its own connection; no connection is shared between threads.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, get_args
+
+from sqlalchemy import Row, delete, func, literal, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from server.crypto.aead import open_sealed, seal
+from server.crypto.datakeys import new_data_key, secret_aad, unwrap_data_key, wrap_data_key
+from server.crypto.keyring import Keyring
+from server.domain.models import (
+    Account,
+    AccountProfile,
+    AccountState,
+    AuditEvent,
+    Capability,
+    MailServer,
+    Provider,
+    TransportSecurity,
+)
+from server.errors import AlreadyExists, NotFound
+from server.store import audit
+from server.store.engine import WRITE_INTENT
+from server.store.ids import new_event_id
+from server.store.schema import (
+    SCHEMA_VERSION,
+    UTCDateTime,
+    account_secrets,
+    accounts,
+    consents,
+    data_keys,
+    feed_cursors,
+    idempotency_records,
+    oauth_states,
+)
+
+SecretColumn = Literal["imap_password", "refresh_token", "token_cache"]
+SECRET_COLUMNS: Final = frozenset(get_args(SecretColumn))
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Store:
+    """Synchronous, thread-safe access to accounts, their secrets and the audit log."""
+
+    def __init__(self, engine: Engine, keyring: Keyring, *, clock: Callable[[], datetime] = _utcnow) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{WRITE_INTENT: True})
+        self._keyring = keyring
+        self._clock = clock
+        self._audit_lock = threading.Lock()
+
+    # Accounts
+
+    def create_account(self, account: Account, secrets: Mapping[str, bytes]) -> None:
+        """Store a new account with a fresh data key, its sealed profile and sealed secrets, all or nothing.
+
+        Raises AlreadyExists if the id is taken, ValueError for a secret name that is not a secret column.
+        """
+        _check_columns(secrets)
+        dek = new_data_key()
+        kek_version, wrapped = wrap_data_key(self._keyring, account.id, dek)
+        profile = seal(
+            dek, _profile_to_json(account.profile), secret_aad("accounts", "profile", account.id, SCHEMA_VERSION)
+        )
+        sealed = {column: _seal_secret(dek, account.id, column, value) for column, value in secrets.items()}
+        needs_reauth_since = account.update_time if account.state is AccountState.NEEDS_REAUTH else None
+        try:
+            with self._writer.begin() as connection:
+                connection.execute(
+                    accounts.insert().values(
+                        id=account.id,
+                        tenant=account.tenant,
+                        provider=account.provider.value,
+                        state=account.state.value,
+                        capabilities=_capabilities_to_text(account.capabilities),
+                        profile=profile,
+                        create_time=account.create_time,
+                        update_time=account.update_time,
+                        needs_reauth_since=needs_reauth_since,
+                    )
+                )
+                connection.execute(
+                    data_keys.insert().values(
+                        account_id=account.id, kek_version=kek_version, wrapped=wrapped, create_time=account.create_time
+                    )
+                )
+                connection.execute(
+                    account_secrets.insert().values(account_id=account.id, update_time=account.create_time, **sealed)
+                )
+        except IntegrityError:
+            # Every key written here is the new account's id, so a constraint failure means the id is taken.
+            raise AlreadyExists("account already exists") from None
+
+    def get_account(self, tenant: str, account_id: str) -> Account | None:
+        """Return the account if it exists and belongs to ``tenant``; None otherwise (never say which)."""
+        query = _account_query().where(accounts.c.id == account_id, accounts.c.tenant == tenant)
+        with self._engine.connect() as connection:
+            row = connection.execute(query).one_or_none()
+        return None if row is None else self._account_from_row(row)
+
+    def list_accounts(self, tenant: str, page_size: int, after_id: str | None = None) -> list[Account]:
+        """Return up to ``page_size`` of the tenant's accounts ordered by id, starting after ``after_id``."""
+        _check_page_size(page_size)
+        query = _account_query().where(accounts.c.tenant == tenant).order_by(accounts.c.id).limit(page_size)
+        if after_id is not None:
+            query = query.where(accounts.c.id > after_id)
+        with self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [self._account_from_row(row) for row in rows]
+
+    def update_account_state(self, account_id: str, state: AccountState) -> bool:
+        """Set the account's state; return whether the account exists.
+
+        ``needs_reauth_since`` keeps the time the account first needed re-authorisation and clears on ACTIVE.
+        """
+        now = self._clock()
+        since: Any = (
+            func.coalesce(accounts.c.needs_reauth_since, literal(now, UTCDateTime()))
+            if state is AccountState.NEEDS_REAUTH
+            else None
+        )
+        statement = (
+            update(accounts)
+            .where(accounts.c.id == account_id)
+            .values(state=state.value, needs_reauth_since=since, update_time=now)
+        )
+        with self._writer.begin() as connection:
+            return connection.execute(statement).rowcount > 0
+
+    def update_capabilities(self, account_id: str, capabilities: frozenset[Capability]) -> bool:
+        """Replace the account's granted capabilities; return whether the account exists."""
+        statement = (
+            update(accounts)
+            .where(accounts.c.id == account_id)
+            .values(capabilities=_capabilities_to_text(capabilities), update_time=self._clock())
+        )
+        with self._writer.begin() as connection:
+            return connection.execute(statement).rowcount > 0
+
+    def delete_account(self, account_id: str) -> bool:
+        """Delete the account and every row about it (audit events aside); return whether it existed.
+
+        Rows are deleted explicitly rather than only by ON DELETE CASCADE, so erasure does not hang on the
+        backend enforcing foreign keys. Run ``checkpoint_and_vacuum`` afterwards to clear the bytes from disk.
+        """
+        with self._writer.begin() as connection:
+            for table in (idempotency_records, feed_cursors, consents, account_secrets, data_keys, oauth_states):
+                connection.execute(delete(table).where(table.c.account_id == account_id))
+            return connection.execute(delete(accounts).where(accounts.c.id == account_id)).rowcount > 0
+
+    # Secrets
+
+    def read_secret(self, account_id: str, column: SecretColumn) -> bytes | None:
+        """Return the decrypted secret, or None if the account or the value is absent.
+
+        Raises DecryptionError if the stored value was not sealed for this account and column.
+        """
+        _check_columns([column])
+        query = (
+            select(account_secrets.c[column].label("value"), data_keys.c.kek_version, data_keys.c.wrapped)
+            .join(data_keys, data_keys.c.account_id == account_secrets.c.account_id)
+            .where(account_secrets.c.account_id == account_id)
+        )
+        with self._engine.connect() as connection:
+            row = connection.execute(query).one_or_none()
+        if row is None or row.value is None:
+            return None
+        dek = unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)
+        return open_sealed(dek, row.value, secret_aad("account_secrets", column, account_id, SCHEMA_VERSION))
+
+    def write_secret(self, account_id: str, column: SecretColumn, value: bytes | None) -> None:
+        """Seal and store ``value`` in the account's secret ``column`` (None clears it); NotFound if no account."""
+        _check_columns([column])
+        with self._writer.begin() as connection:
+            key_row = connection.execute(
+                select(data_keys.c.kek_version, data_keys.c.wrapped).where(data_keys.c.account_id == account_id)
+            ).one_or_none()
+            if key_row is None:
+                raise NotFound("account not found")
+            sealed = None
+            if value is not None:
+                dek = unwrap_data_key(self._keyring, account_id, key_row.kek_version, key_row.wrapped)
+                sealed = _seal_secret(dek, account_id, column, value)
+            connection.execute(
+                update(account_secrets)
+                .where(account_secrets.c.account_id == account_id)
+                .values({column: sealed, "update_time": self._clock()})
+            )
+
+    # Audit
+
+    def append_audit_event(
+        self, action: str, tenant: str, actor: str, account_id: str, details: Mapping[str, object]
+    ) -> AuditEvent:
+        """Append a PII-free event to the hash-chained audit log and return it as stored."""
+        with self._audit_lock, self._writer.begin() as connection:
+            return audit.append_event(
+                connection,
+                event_id=new_event_id(),
+                event_time=self._clock(),
+                action=action,
+                tenant=tenant,
+                actor=actor,
+                account_id=account_id,
+                details=details,
+            )
+
+    def list_audit_events(
+        self, tenant: str | None, account_id: str | None, page_size: int, after_sequence: int | None = None
+    ) -> list[AuditEvent]:
+        """Return up to ``page_size`` audit events after ``after_sequence``, optionally of one tenant or account."""
+        _check_page_size(page_size)
+        with self._engine.connect() as connection:
+            return audit.list_events(connection, tenant, account_id, page_size, after_sequence)
+
+    def verify_audit_chain(self) -> int | None:
+        """Return the sequence of the first audit event that breaks the hash chain, or None if it is intact."""
+        with self._engine.connect() as connection:
+            return audit.first_broken_link(connection)
+
+    # Helpers
+
+    def _account_from_row(self, row: Row[Any]) -> Account:
+        dek = unwrap_data_key(self._keyring, row.id, row.kek_version, row.wrapped)
+        profile = open_sealed(dek, row.profile, secret_aad("accounts", "profile", row.id, SCHEMA_VERSION))
+        return Account(
+            id=row.id,
+            tenant=row.tenant,
+            provider=Provider(row.provider),
+            state=AccountState(row.state),
+            capabilities=frozenset(Capability(value) for value in row.capabilities.split(",") if value),
+            profile=_profile_from_json(profile),
+            create_time=row.create_time,
+            update_time=row.update_time,
+        )
+
+
+def _account_query() -> Any:
+    return select(accounts, data_keys.c.kek_version, data_keys.c.wrapped).join(
+        data_keys, data_keys.c.account_id == accounts.c.id
+    )
+
+
+def _check_columns(columns: Iterable[str]) -> None:
+    unknown = set(columns) - SECRET_COLUMNS
+    if unknown:
+        raise ValueError(f"not a secret column: {', '.join(sorted(unknown))}")
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size < 1:
+        raise ValueError("page_size must be at least 1")
+
+
+def _seal_secret(dek: bytes, account_id: str, column: str, value: bytes) -> bytes:
+    return seal(dek, value, secret_aad("account_secrets", column, account_id, SCHEMA_VERSION))
+
+
+def _capabilities_to_text(capabilities: frozenset[Capability]) -> str:
+    return ",".join(sorted(capability.value for capability in capabilities))
+
+
+def _profile_to_json(profile: AccountProfile) -> bytes:
+    def server(mail_server: MailServer | None) -> dict[str, object] | None:
+        if mail_server is None:
+            return None
+        return {"host": mail_server.host, "port": mail_server.port, "security": mail_server.security.value}
+
+    document = {
+        "email_address": profile.email_address,
+        "username": profile.username,
+        "imap_server": server(profile.imap_server),
+        "smtp_server": server(profile.smtp_server),
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _profile_from_json(data: bytes) -> AccountProfile:
+    document = json.loads(data)
+
+    def server(value: dict[str, Any] | None) -> MailServer | None:
+        if value is None:
+            return None
+        return MailServer(host=value["host"], port=value["port"], security=TransportSecurity(value["security"]))
+
+    return AccountProfile(
+        email_address=document.get("email_address", ""),
+        username=document.get("username", ""),
+        imap_server=server(document.get("imap_server")),
+        smtp_server=server(document.get("smtp_server")),
+    )
