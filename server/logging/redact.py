@@ -13,6 +13,7 @@ text.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from typing import Final
 
 REDACTED: Final = "[REDACTED]"
@@ -22,7 +23,7 @@ EMAIL: Final = "[EMAIL]"
 # credentials; after AUTHENTICATE/AUTH the mechanism name is kept and any initial response withheld. The
 # look-behind keeps capability lists such as "AUTH=LOGIN" intact.
 _IMAP_LOGIN = re.compile(r"(?<![=\w])LOGIN[ \t]+[^\r\n]*")
-_SASL_COMMAND = re.compile(r"(?<![=\w])(AUTHENTICATE|AUTH)[ \t]+([\w-]+)(?:[ \t]+[^\r\n]*)?")
+_SASL_COMMAND = re.compile(r"(?<![=\w])(AUTHENTICATE|AUTH)[ \t]+([\w-]+)[ \t]+[^\r\n]*")
 # A SASL continuation: a traced line that is nothing but one base64 blob (the client's response to "+ ").
 _SASL_CONTINUATION = re.compile(
     r"""(?m)^(?P<pre>[ \t]*(?:\d\d:\d\d\.\d\d[ \t]+)?(?:[<>+]|[CS]:|send:|reply:)[ \t]*(?:b?['"])?)"""
@@ -57,11 +58,11 @@ _GOOGLE_TOKEN = re.compile(
 )
 
 # Addresses: a dotted-atom or loosely quoted local part, "@" (or its URL-encoded forms), a domain or IP literal.
-# "=", "&", "/" and a leading "'" are left out of the local part so that "to=a@b", "q&a@b", "/users/a@b" and
-# 'a@b' keep their surroundings; the look-behind starts a match only at the beginning of a run.
-_LOCAL_CHARS: Final = r"\w!#$%*+?^{|}~.\-"
+# "=", "&" and "/" are left out of the local part so that "to=a@b", "q&a@b" and "/users/a@b" keep their
+# surroundings; the look-behind starts a match only at the beginning of a run, which keeps the scan linear.
+_LOCAL_CHARS: Final = r"\w!#$%'*+?^{|}~.\-"
 _EMAIL_ADDRESS = re.compile(
-    r'(?:"[^"\r\n]{1,64}"|(?<![' + _LOCAL_CHARS + r"])[" + _LOCAL_CHARS + r"][" + _LOCAL_CHARS + r"']*)"
+    r'(?:"[^"\r\n]{1,64}"|(?<![' + _LOCAL_CHARS + r"])[" + _LOCAL_CHARS + r"]+)"
     r"(?:@|%40|%2540)"
     r"(?:\[[^\]\s]{1,64}\]|[\w-]+(?:\.[\w-]+)*)"
 )
@@ -98,12 +99,17 @@ def _looks_random(run: str) -> bool:
     classes = [c for c in map(_char_class, text) if c >= 0]
     if len(set(classes)) < 2 or len(classes) < 2:
         return False
-    switches = sum(1 for a, b in zip(classes, classes[1:], strict=False) if a != b)
+    switches = sum(1 for a, b in pairwise(classes) if a != b)
     return switches / (len(classes) - 1) >= _MIN_SWITCH_RATIO
 
 
 def _mask_base64(match: re.Match[str]) -> str:
     return REDACTED if _looks_random(match.group()) else match.group()
+
+
+def _mask_email(match: re.Match[str]) -> str:
+    # A run that starts with "'" is a quoted repr such as 'a@b': keep the quote, mask the address.
+    return "'" + EMAIL if match.group().startswith("'") else EMAIL
 
 
 def _mask_sasl_command(match: re.Match[str]) -> str:
@@ -127,9 +133,9 @@ def redact(text: str) -> str:
             text = _JWT.sub(REDACTED, text)
         text = _GOOGLE_TOKEN.sub(REDACTED, text)
         if "@" in text or "%40" in text:
-            text = _EMAIL_ADDRESS.sub(EMAIL, text)
+            text = _EMAIL_ADDRESS.sub(_mask_email, text)
             text = _DISPLAY_NAME.sub(EMAIL, text)
         text = _HEX_RUN.sub(REDACTED, text)
         return _BASE64_RUN.sub(_mask_base64, text)
-    except Exception:  # noqa: BLE001 - a log line must never break the caller; withhold rather than guess
+    except Exception:  # a log line must never break the caller: withhold rather than guess
         return REDACTED

@@ -1,0 +1,764 @@
+"""Tests for server.store: SQLite hardening, migrations, sealed accounts and secrets, erasure, and the audit chain.
+
+Secret and personal test values are random canaries. Failure messages never echo file contents or canaries: each
+check computes a boolean first, so pytest's assertion rewriting has nothing to print but True or False.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, delete, func, inspect, select, text, update
+
+from server.crypto.aead import DecryptionError
+from server.crypto.keyring import Keyring
+from server.domain.models import (
+    Account,
+    AccountProfile,
+    AccountState,
+    AuditEvent,
+    Capability,
+    MailServer,
+    Provider,
+    TransportSecurity,
+)
+from server.errors import AlreadyExists, NotFound
+from server.store.audit import GENESIS_DIGEST, event_digest
+from server.store.engine import checkpoint_and_vacuum, create_engine
+from server.store.ids import new_account_id, new_event_id
+from server.store.migrate import upgrade
+from server.store.repository import Store
+from server.store.schema import (
+    account_secrets,
+    accounts,
+    audit_events,
+    consents,
+    data_keys,
+    feed_cursors,
+    idempotency_records,
+    metadata,
+    oauth_states,
+)
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+ACCOUNT_TABLES = (accounts, data_keys, account_secrets, consents, feed_cursors, idempotency_records, oauth_states)
+
+
+def canary(kind: str) -> str:
+    return f"canary-{kind}-{secrets.token_hex(8)}"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def new_keyring(*versions: int) -> Keyring:
+    versions = versions or (1,)
+    return Keyring(current_version=max(versions), keys={v: secrets.token_bytes(32) for v in versions})
+
+
+def make_account(
+    tenant: str = "tenant-a",
+    *,
+    account_id: str | None = None,
+    profile: AccountProfile | None = None,
+    state: AccountState = AccountState.ACTIVE,
+    created: datetime = T0,
+) -> Account:
+    return Account(
+        id=account_id or new_account_id(),
+        tenant=tenant,
+        provider=Provider.IMAP,
+        state=state,
+        capabilities=frozenset({Capability.READ, Capability.METADATA}),
+        profile=profile
+        or AccountProfile(
+            email_address="user@example.test",
+            username="user",
+            imap_server=MailServer("imap.example.test", 993, TransportSecurity.IMPLICIT_TLS),
+            smtp_server=MailServer("smtp.example.test", 587, TransportSecurity.STARTTLS),
+        ),
+        create_time=created,
+        update_time=created,
+    )
+
+
+class Clock:
+    """A settable clock for the store."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "broker.sqlite3"
+
+
+@pytest.fixture
+def engine(db_path: Path) -> Iterator[Engine]:
+    engine = create_engine(f"sqlite:///{db_path}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return new_keyring(1)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(engine: Engine, keyring: Keyring, clock: Clock) -> Store:
+    return Store(engine, keyring, clock=clock)
+
+
+def sql(engine: Engine, statement: Any) -> None:
+    """Run one statement behind the store's back, as an attacker with write access to the database would."""
+    with engine.begin() as connection:
+        connection.execute(statement)
+
+
+def count_rows(engine: Engine, table: sqlalchemy.Table, account_id: str) -> int:
+    with engine.connect() as connection:
+        return int(connection.scalar(select(func.count()).select_from(table).where(table.c.account_id == account_id)))
+
+
+# --- engine: SQLite hardening --------------------------------------------------------------------------------------
+
+
+def test_pragmas_are_in_effect_on_a_fresh_connection(db_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{db_path}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA secure_delete").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    finally:
+        engine.dispose()
+
+
+def test_foreign_keys_are_enforced(store: Store, engine: Engine) -> None:
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        sql(engine, data_keys.insert().values(account_id="nobody", kek_version=1, wrapped=b"x", create_time=T0))
+
+
+def test_database_directory_is_0700_and_its_files_0600(store: Store, db_path: Path) -> None:
+    store.create_account(make_account(), {"imap_password": b"pw"})
+    wal, shm = Path(f"{db_path}-wal"), Path(f"{db_path}-shm")
+    assert wal.exists()
+    assert shm.exists()
+    assert mode(db_path.parent) == 0o700
+    assert (mode(db_path), mode(wal), mode(shm)) == (0o600, 0o600, 0o600)
+
+
+def test_an_existing_database_file_with_loose_permissions_is_tightened(tmp_path: Path) -> None:
+    db_path = tmp_path / "loose.sqlite3"
+    db_path.touch(mode=0o644)
+    db_path.chmod(0o644)
+    create_engine(f"sqlite:///{db_path}").dispose()
+    assert mode(db_path) == 0o600
+
+
+def test_a_write_transaction_sees_a_consistent_snapshot_under_concurrent_writers(store: Store, engine: Engine) -> None:
+    """Threads appending audit events while others create accounts: no lock errors, no fork, no gaps."""
+    errors: list[BaseException] = []
+
+    def append(worker: int) -> None:
+        try:
+            for i in range(10):
+                store.append_audit_event("test.append", "tenant-a", f"worker-{worker}", "", {"i": i})
+        except BaseException as exc:  # reported below, after the threads finish
+            errors.append(exc)
+
+    def create() -> None:
+        try:
+            for _ in range(10):
+                store.create_account(make_account(), {"imap_password": b"pw"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(n,)) for n in range(6)]
+    threads += [threading.Thread(target=create) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [type(e).__name__ for e in errors] == []
+    events = store.list_audit_events(None, None, page_size=1000)
+    assert [e.sequence for e in events] == list(range(1, 61))
+    assert store.verify_audit_chain() is None
+    assert len(store.list_accounts("tenant-a", page_size=1000)) == 30
+
+
+# --- migrations ----------------------------------------------------------------------------------------------------
+
+
+def revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def test_upgrade_on_an_empty_database_creates_every_table(engine: Engine) -> None:
+    tables = set(inspect(engine).get_table_names())
+    assert tables == set(metadata.tables) | {"alembic_version"}
+    assert revision(engine) == "0001"
+
+
+def test_upgrade_twice_is_a_no_op(engine: Engine, store: Store) -> None:
+    account = make_account()
+    store.create_account(account, {"imap_password": b"pw"})
+
+    upgrade(engine)
+
+    assert revision(engine) == "0001"
+    assert store.get_account(account.tenant, account.id) == account
+
+
+def test_the_migrated_database_matches_the_schema_module(engine: Engine) -> None:
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), metadata)
+    assert differences == []
+
+
+# --- accounts ------------------------------------------------------------------------------------------------------
+
+
+def test_an_account_round_trips_with_its_profile_and_secrets(store: Store) -> None:
+    account = make_account(state=AccountState.NEEDS_REAUTH)
+    store.create_account(account, {"imap_password": b"pw-1", "token_cache": b"{}"})
+
+    assert store.get_account(account.tenant, account.id) == account
+    assert store.read_secret(account.id, "imap_password") == b"pw-1"
+    assert store.read_secret(account.id, "token_cache") == b"{}"
+    assert store.read_secret(account.id, "refresh_token") is None
+    assert store.read_secret("a-missing", "imap_password") is None
+
+
+def test_an_account_without_mail_servers_round_trips(store: Store) -> None:
+    account = make_account(profile=AccountProfile(email_address="someone@example.test"))
+    store.create_account(account, {})
+    assert store.get_account(account.tenant, account.id) == account
+
+
+def test_times_come_back_as_the_same_instant_in_utc(store: Store) -> None:
+    created = datetime(2025, 3, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    account = make_account(created=created)
+    store.create_account(account, {})
+    stored = store.get_account(account.tenant, account.id)
+    assert stored is not None
+    assert stored.create_time == created
+    assert stored.create_time.tzinfo is UTC
+
+
+def test_naive_datetimes_are_refused(store: Store) -> None:
+    with pytest.raises(sqlalchemy.exc.StatementError):
+        store.create_account(make_account(created=datetime(2025, 1, 1)), {})  # noqa: DTZ001 - the point
+
+
+def test_an_unknown_secret_name_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="not a secret column"):
+        store.create_account(make_account(), {"password": b"x"})
+    account = make_account()
+    store.create_account(account, {})
+    with pytest.raises(ValueError, match="not a secret column"):
+        store.read_secret(account.id, "profile")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a secret column"):
+        store.write_secret(account.id, "tenant", b"x")  # type: ignore[arg-type]
+
+
+def test_creating_an_existing_account_id_is_already_exists(store: Store) -> None:
+    account = make_account()
+    store.create_account(account, {})
+    with pytest.raises(AlreadyExists):
+        store.create_account(dataclasses.replace(account, tenant="tenant-b"), {})
+    assert store.get_account("tenant-b", account.id) is None
+
+
+def test_a_failed_create_leaves_no_half_written_rows(store: Store, db_path: Path) -> None:
+    account_id = new_account_id()
+    # An orphan secrets row (possible only with foreign keys off) makes the LAST insert of create_account fail.
+    raw = sqlalchemy.create_engine(f"sqlite:///{db_path}")
+    try:
+        sql(raw, account_secrets.insert().values(account_id=account_id, update_time=T0))
+    finally:
+        raw.dispose()
+
+    with pytest.raises(AlreadyExists):
+        store.create_account(make_account(account_id=account_id), {"imap_password": b"pw"})
+
+    engine = store._engine
+    assert count_rows(engine, data_keys, account_id) == 0
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).where(accounts.c.id == account_id)) == 0
+
+
+def test_state_changes_track_when_reauth_was_first_needed(store: Store, engine: Engine, clock: Clock) -> None:
+    account = make_account()
+    store.create_account(account, {})
+
+    def since() -> datetime | None:
+        with engine.connect() as connection:
+            value: datetime | None = connection.scalar(
+                select(accounts.c.needs_reauth_since).where(accounts.c.id == account.id)
+            )
+            return value
+
+    clock.now = T0 + timedelta(hours=1)
+    assert store.update_account_state(account.id, AccountState.NEEDS_REAUTH)
+    clock.now = T0 + timedelta(hours=2)
+    assert store.update_account_state(account.id, AccountState.NEEDS_REAUTH)
+    assert since() == T0 + timedelta(hours=1)
+    stored = store.get_account(account.tenant, account.id)
+    assert stored is not None
+    assert stored.state is AccountState.NEEDS_REAUTH
+    assert stored.update_time == T0 + timedelta(hours=2)
+
+    assert store.update_account_state(account.id, AccountState.ACTIVE)
+    assert since() is None
+    assert not store.update_account_state("a-missing", AccountState.ACTIVE)
+
+
+def test_capabilities_are_replaced_and_stored_sorted(store: Store, engine: Engine) -> None:
+    account = make_account()
+    store.create_account(account, {})
+
+    assert store.update_capabilities(account.id, frozenset({Capability.SEND, Capability.READ}))
+
+    stored = store.get_account(account.tenant, account.id)
+    assert stored is not None
+    assert stored.capabilities == {Capability.SEND, Capability.READ}
+    with engine.connect() as connection:
+        assert connection.scalar(select(accounts.c.capabilities).where(accounts.c.id == account.id)) == "read,send"
+    assert not store.update_capabilities("a-missing", frozenset())
+
+
+def test_new_account_ids_are_random_and_url_safe() -> None:
+    ids = {new_account_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(re.fullmatch(r"a[a-z2-7]{24}", account_id) for account_id in ids)
+    assert re.fullmatch(r"e[a-z2-7]{24}", new_event_id())
+
+
+# --- tenants and pagination ----------------------------------------------------------------------------------------
+
+
+def test_another_tenant_never_sees_an_account(store: Store) -> None:
+    account = make_account("tenant-a")
+    store.create_account(account, {})
+
+    assert store.get_account("tenant-b", account.id) is None
+    assert store.list_accounts("tenant-b", page_size=100) == []
+    assert store.get_account("tenant-a", account.id) == account
+    assert store.get_account("tenant-a", new_account_id()) is None
+
+
+def test_list_accounts_pages_by_id_within_the_tenant(store: Store) -> None:
+    mine = [make_account("tenant-a") for _ in range(7)]
+    theirs = [make_account("tenant-b") for _ in range(3)]
+    for account in mine + theirs:
+        store.create_account(account, {})
+
+    pages: list[list[str]] = []
+    after: str | None = None
+    while True:
+        page = store.list_accounts("tenant-a", page_size=3, after_id=after)
+        if not page:
+            break
+        pages.append([account.id for account in page])
+        after = page[-1].id
+
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [account_id for page in pages for account_id in page] == sorted(a.id for a in mine)
+    assert store.list_accounts("tenant-a", page_size=100) == sorted(mine, key=lambda a: a.id)
+    with pytest.raises(ValueError, match="page_size"):
+        store.list_accounts("tenant-a", page_size=0)
+
+
+# --- secrets: writes and ciphertext binding ------------------------------------------------------------------------
+
+
+def test_write_secret_sets_replaces_and_clears(store: Store) -> None:
+    account = make_account()
+    store.create_account(account, {})
+
+    store.write_secret(account.id, "refresh_token", b"rt-1")
+    store.write_secret(account.id, "refresh_token", b"rt-2")
+    assert store.read_secret(account.id, "refresh_token") == b"rt-2"
+    store.write_secret(account.id, "refresh_token", None)
+    assert store.read_secret(account.id, "refresh_token") is None
+    with pytest.raises(NotFound):
+        store.write_secret("a-missing", "refresh_token", b"x")
+
+
+def raw_value(engine: Engine, column: sqlalchemy.Column[Any], account_id: str) -> Any:
+    with engine.connect() as connection:
+        return connection.scalar(select(column).where(column.table.c["account_id"] == account_id))
+
+
+@pytest.fixture
+def two_accounts(store: Store) -> tuple[Account, Account]:
+    first, second = make_account(), make_account()
+    store.create_account(first, {"imap_password": b"first-pw", "refresh_token": b"first-rt"})
+    store.create_account(second, {"imap_password": b"second-pw"})
+    return first, second
+
+
+def test_a_secret_copied_to_another_account_does_not_decrypt(
+    store: Store, engine: Engine, two_accounts: tuple[Account, Account]
+) -> None:
+    first, second = two_accounts
+    stolen = raw_value(engine, account_secrets.c.imap_password, first.id)
+    sql(engine, update(account_secrets).where(account_secrets.c.account_id == second.id).values(imap_password=stolen))
+    with pytest.raises(DecryptionError):
+        store.read_secret(second.id, "imap_password")
+
+
+def test_a_secret_copied_to_another_column_does_not_decrypt(
+    store: Store, engine: Engine, two_accounts: tuple[Account, Account]
+) -> None:
+    first, _ = two_accounts
+    password = raw_value(engine, account_secrets.c.imap_password, first.id)
+    sql(engine, update(account_secrets).where(account_secrets.c.account_id == first.id).values(refresh_token=password))
+    with pytest.raises(DecryptionError):
+        store.read_secret(first.id, "refresh_token")
+
+
+def test_a_data_key_copied_to_another_account_does_not_unwrap(
+    store: Store, engine: Engine, two_accounts: tuple[Account, Account]
+) -> None:
+    first, second = two_accounts
+    stolen = raw_value(engine, data_keys.c.wrapped, first.id)
+    sql(engine, update(data_keys).where(data_keys.c.account_id == second.id).values(wrapped=stolen))
+    with pytest.raises(DecryptionError):
+        store.read_secret(second.id, "imap_password")
+    with pytest.raises(DecryptionError):
+        store.get_account(second.tenant, second.id)
+
+
+def test_a_secret_and_data_key_copied_together_still_do_not_decrypt(
+    store: Store, engine: Engine, two_accounts: tuple[Account, Account]
+) -> None:
+    first, second = two_accounts
+    wrapped = raw_value(engine, data_keys.c.wrapped, first.id)
+    password = raw_value(engine, account_secrets.c.imap_password, first.id)
+    sql(engine, update(data_keys).where(data_keys.c.account_id == second.id).values(wrapped=wrapped))
+    sql(engine, update(account_secrets).where(account_secrets.c.account_id == second.id).values(imap_password=password))
+    with pytest.raises(DecryptionError):
+        store.read_secret(second.id, "imap_password")
+
+
+def test_a_profile_copied_to_another_account_does_not_decrypt(
+    store: Store, engine: Engine, two_accounts: tuple[Account, Account]
+) -> None:
+    first, second = two_accounts
+    with engine.connect() as connection:
+        profile = connection.scalar(select(accounts.c.profile).where(accounts.c.id == first.id))
+    sql(engine, update(accounts).where(accounts.c.id == second.id).values(profile=profile))
+    with pytest.raises(DecryptionError):
+        store.get_account(second.tenant, second.id)
+
+
+def test_accounts_made_before_a_kek_rotation_still_open_after_it(engine: Engine, keyring: Keyring) -> None:
+    before = make_account()
+    Store(engine, keyring).create_account(before, {"imap_password": b"pw"})
+
+    rotated = Keyring(current_version=2, keys={1: keyring.kek(1), 2: secrets.token_bytes(32)})
+    store = Store(engine, rotated)
+    after = make_account()
+    store.create_account(after, {})
+
+    assert store.get_account(before.tenant, before.id) == before
+    assert store.read_secret(before.id, "imap_password") == b"pw"
+    assert raw_value(engine, data_keys.c.kek_version, after.id) == 2
+
+
+# --- at rest and erasure -------------------------------------------------------------------------------------------
+
+
+def disk_bytes(db_path: Path) -> bytes:
+    """The raw bytes of the database, its WAL and its shared-memory index, whichever exist."""
+    parts = [db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")]
+    return b"".join(path.read_bytes() for path in parts if path.exists())
+
+
+def encodings(value: str) -> list[bytes]:
+    raw = value.encode()
+    return [
+        raw,
+        value.encode("utf-16-le"),
+        value.encode("utf-16-be"),
+        base64.b64encode(raw),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
+        raw.hex().encode(),
+        raw.hex().upper().encode(),
+    ]
+
+
+def test_no_secret_or_personal_value_is_on_disk_and_erasure_leaves_no_trace(
+    store: Store, engine: Engine, db_path: Path
+) -> None:
+    password, refresh_token = canary("pw"), canary("rt")
+    email, username = canary("email") + "@example.test", canary("user")
+    imap_host, smtp_host = canary("imap") + ".example.test", canary("smtp") + ".example.test"
+    profile = AccountProfile(
+        email_address=email,
+        username=username,
+        imap_server=MailServer(imap_host, 993, TransportSecurity.IMPLICIT_TLS),
+        smtp_server=MailServer(smtp_host, 465, TransportSecurity.IMPLICIT_TLS),
+    )
+    account = make_account(profile=profile)
+    store.create_account(account, {"imap_password": password.encode()})
+    store.write_secret(account.id, "refresh_token", refresh_token.encode())
+    bystander = make_account()
+    store.create_account(bystander, {"imap_password": b"bystander"})
+    assert store.get_account(account.tenant, account.id) == account  # the values are really stored
+
+    canaries = [
+        *encodings(password),
+        *encodings(refresh_token),
+        email.encode(),
+        username.encode(),
+        imap_host.encode(),
+        smtp_host.encode(),
+    ]
+    sealed = [
+        raw_value(engine, account_secrets.c.imap_password, account.id),
+        raw_value(engine, account_secrets.c.refresh_token, account.id),
+        raw_value(engine, data_keys.c.wrapped, account.id),
+    ]
+    with engine.connect() as connection:
+        sealed.append(connection.scalar(select(accounts.c.profile).where(accounts.c.id == account.id)))
+
+    before = disk_bytes(db_path)
+    assert Path(f"{db_path}-wal").exists()
+    found = [i for i, value in enumerate(canaries) if value in before]
+    assert found == [], "canaries (by index) found in plaintext on disk"
+    assert all(blob in before for blob in sealed), "the scan does not see the stored rows"
+
+    assert store.delete_account(account.id)
+    assert checkpoint_and_vacuum(engine)
+
+    after = disk_bytes(db_path)
+    found = [i for i, value in enumerate(canaries) if value in after]
+    assert found == [], "canaries (by index) found on disk after erasure"
+    remaining = [i for i, blob in enumerate(sealed) if blob in after]
+    assert remaining == [], "sealed values (by index) still on disk after erasure"
+    assert store.read_secret(bystander.id, "imap_password") == b"bystander"
+
+
+def add_rows_about(engine: Engine, account_id: str) -> None:
+    """A consent, a feed cursor, an idempotency record and an OAuth state for the account."""
+    with engine.begin() as connection:
+        connection.execute(
+            consents.insert().values(
+                id=secrets.token_hex(8),
+                account_id=account_id,
+                tenant="tenant-a",
+                provider="imap",
+                scopes="",
+                capabilities="read",
+                grant_time=T0,
+            )
+        )
+        connection.execute(
+            feed_cursors.insert().values(account_id=account_id, feed_key="inbox", cursor=b"c", update_time=T0)
+        )
+        connection.execute(
+            idempotency_records.insert().values(
+                account_id=account_id, request_digest="d" * 64, result=b"r", create_time=T0
+            )
+        )
+        connection.execute(
+            oauth_states.insert().values(
+                id=secrets.token_hex(32),
+                tenant="tenant-a",
+                caller="svc",
+                provider="google",
+                account_id=account_id,
+                kek_version=1,
+                payload=b"p",
+                create_time=T0,
+                expire_time=T0,
+            )
+        )
+
+
+@pytest.mark.parametrize("foreign_keys", ["on", "off"])
+def test_delete_account_removes_every_row_about_it(
+    engine: Engine, keyring: Keyring, db_path: Path, foreign_keys: str
+) -> None:
+    gone, kept = make_account(), make_account()
+    setup = Store(engine, keyring)
+    for account in (gone, kept):
+        setup.create_account(account, {"imap_password": b"pw"})
+        add_rows_about(engine, account.id)
+    # With foreign keys off (a plain engine), only the store's explicit deletes can clear the child rows.
+    deleting = engine if foreign_keys == "on" else sqlalchemy.create_engine(f"sqlite:///{db_path}")
+    try:
+        store = Store(deleting, keyring)
+        assert store.delete_account(gone.id)
+        assert not store.delete_account(gone.id)
+    finally:
+        if deleting is not engine:
+            deleting.dispose()
+
+    assert {table.name: count_rows(engine, table, gone.id) for table in ACCOUNT_TABLES[1:]} == dict.fromkeys(
+        (table.name for table in ACCOUNT_TABLES[1:]), 0
+    )
+    assert setup.get_account(gone.tenant, gone.id) is None
+    assert {table.name: count_rows(engine, table, kept.id) for table in ACCOUNT_TABLES[1:]} == dict.fromkeys(
+        (table.name for table in ACCOUNT_TABLES[1:]), 1
+    )
+
+
+# --- audit log -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def five_events(store: Store, clock: Clock) -> list[AuditEvent]:
+    events = []
+    for i in range(5):
+        clock.now = T0 + timedelta(seconds=i)
+        tenant = "tenant-a" if i % 2 == 0 else "tenant-b"
+        events.append(store.append_audit_event("account.create", tenant, "svc", f"a{i % 3}", {"step": i}))
+    return events
+
+
+def test_appended_events_form_a_chain_that_verifies(store: Store, five_events: list[AuditEvent]) -> None:
+    assert [e.sequence for e in five_events] == [1, 2, 3, 4, 5]
+    assert five_events[0].previous_digest == GENESIS_DIGEST
+    assert all(later.previous_digest == earlier.digest for earlier, later in zip(five_events, five_events[1:]))
+    assert all(event.digest == event_digest(event) for event in five_events)
+    assert store.list_audit_events(None, None, page_size=100) == five_events
+    assert store.verify_audit_chain() is None
+
+
+def test_an_empty_audit_log_verifies(store: Store) -> None:
+    assert store.verify_audit_chain() is None
+
+
+def test_list_audit_events_filters_and_pages(store: Store, five_events: list[AuditEvent]) -> None:
+    assert [e.sequence for e in store.list_audit_events("tenant-a", None, page_size=100)] == [1, 3, 5]
+    assert [e.sequence for e in store.list_audit_events(None, "a1", page_size=100)] == [2, 5]
+    assert [e.sequence for e in store.list_audit_events("tenant-b", "a1", page_size=100)] == [2]
+    assert [e.sequence for e in store.list_audit_events(None, None, page_size=2, after_sequence=2)] == [3, 4]
+    assert [e.sequence for e in store.list_audit_events(None, None, page_size=2, after_sequence=0)] == [1, 2]
+    assert store.list_audit_events(None, None, page_size=10, after_sequence=5) == []
+
+
+def test_audit_details_must_be_json(store: Store) -> None:
+    with pytest.raises(TypeError):
+        store.append_audit_event("x", "t", "svc", "", {"when": T0})
+    assert store.list_audit_events(None, None, page_size=10) == []
+
+
+def _row(engine: Engine, sequence: int) -> dict[str, Any]:
+    with engine.connect() as connection:
+        return dict(connection.execute(select(audit_events).where(audit_events.c.sequence == sequence)).one()._mapping)
+
+
+def _swap(engine: Engine, first: int, second: int) -> None:
+    a, b = _row(engine, first), _row(engine, second)
+    with engine.begin() as connection:
+        connection.execute(delete(audit_events).where(audit_events.c.sequence.in_([first, second])))
+        connection.execute(audit_events.insert().values({**b, "sequence": first}))
+        connection.execute(audit_events.insert().values({**a, "sequence": second}))
+
+
+def _replace_with_consistent_forgery(engine: Engine, sequence: int) -> None:
+    """Rewrite a row with new details AND a correct digest of its own: only the next link can give it away."""
+    row = _row(engine, sequence)
+    forged = AuditEvent(**{**row, "details": {"step": 99}, "digest": ""})
+    forged = dataclasses.replace(forged, digest=event_digest(forged))
+    sql(
+        engine,
+        update(audit_events)
+        .where(audit_events.c.sequence == sequence)
+        .values(details='{"step":99}', digest=forged.digest),
+    )
+
+
+def _append_forgery(engine: Engine, previous_digest: str) -> None:
+    sql(
+        engine,
+        audit_events.insert().values(
+            sequence=6,
+            event_id=new_event_id(),
+            event_time=T0,
+            action="account.delete",
+            tenant="tenant-a",
+            actor="svc",
+            account_id="a0",
+            details="{}",
+            previous_digest=previous_digest,
+            digest="f" * 64,
+        ),
+    )
+
+
+TAMPERINGS = {
+    "edit details": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 3).values(details='{"step":99}')), 3),
+    "edit details whitespace": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 3).values(details='{"step": 2}')), 3),
+    "edit actor": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 2).values(actor="root")), 2),
+    "edit time": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 4).values(event_time=T0)), 4),
+    "details not json": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 3).values(details="{")), 3),
+    "delete a middle row": (lambda e, events: sql(e, delete(audit_events).where(audit_events.c.sequence == 3)), 4),
+    "delete the first row": (lambda e, events: sql(e, delete(audit_events).where(audit_events.c.sequence == 1)), 2),
+    "swap two rows": (lambda e, events: _swap(e, 2, 4), 2),
+    "forged row with a consistent digest": (lambda e, events: _replace_with_consistent_forgery(e, 3), 4),
+    "forged row appended": (lambda e, events: _append_forgery(e, events[-1].digest), 6),
+    "forged row appended with a bad link": (lambda e, events: _append_forgery(e, GENESIS_DIGEST), 6),
+    "edit the last digest": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 5).values(digest="0" * 64)), 5),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("tamper", "first_broken"), TAMPERINGS.values(), ids=TAMPERINGS.keys())
+def test_verify_audit_chain_finds_the_first_broken_link(
+    store: Store, engine: Engine, five_events: list[AuditEvent], tamper: Any, first_broken: int
+) -> None:
+    assert store.verify_audit_chain() is None
+    tamper(engine, five_events)
+    assert store.verify_audit_chain() == first_broken
+
+
+def test_appending_after_a_forgery_does_not_repair_the_chain(
+    store: Store, engine: Engine, five_events: list[AuditEvent]
+) -> None:
+    sql(engine, update(audit_events).where(audit_events.c.sequence == 2).values(actor="root"))
+    event = store.append_audit_event("account.delete", "tenant-a", "svc", "a0", {})
+    assert event.sequence == 6
+    assert store.verify_audit_chain() == 2
+
+
+def test_audit_events_survive_account_deletion(store: Store) -> None:
+    account = make_account()
+    store.create_account(account, {})
+    store.append_audit_event("account.create", account.tenant, "svc", account.id, {"provider": "imap"})
+    assert store.delete_account(account.id)
+    assert [e.account_id for e in store.list_audit_events(None, account.id, page_size=10)] == [account.id]
+    assert store.verify_audit_chain() is None
