@@ -27,8 +27,13 @@ PYTHON_OUT = ROOT / "generated" / "python"
 PACKAGE = Path("mailbroker") / "v1"
 GOOGLEAPIS_ROOT = Path(google.api.field_behavior_pb2.__file__).resolve().parents[2]
 WELL_KNOWN_ROOT = Path(grpc_tools.__file__).resolve().parent / "_proto"
-GOOGLE_DEPS = ("google/api/field_behavior.proto", "google/api/resource.proto", "google/api/launch_stage.proto",
-               "google/api/client.proto", "google/api/http.proto")
+GOOGLE_DEPS = (
+    "google/api/field_behavior.proto",
+    "google/api/resource.proto",
+    "google/api/launch_stage.proto",
+    "google/api/client.proto",
+    "google/api/http.proto",
+)
 
 
 def proto_files() -> list[Path]:

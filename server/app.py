@@ -123,12 +123,13 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         ],
         options=server_options(config),
     )
-    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts, audit, erasure), server)
-    mail_service_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(accounts), server)
+    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts, audit, erasure), server)  # type: ignore[no-untyped-call]
+    mail_service_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(accounts), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
 
     try:
         port = server.add_secure_port(config.server.listen, credentials)

@@ -52,8 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
     pki = commands.add_parser("dev-pki", help="make (or extend) a development PKI")
     pki.add_argument("--out", type=Path, required=True, help="directory for the CA, server and client files")
-    pki.add_argument("--client", action="append", default=[], metavar="NAME",
-                     help="a client identity to issue (spiffe://mailbroker.dev/NAME); repeatable")
+    pki.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a client identity to issue (spiffe://mailbroker.dev/NAME); repeatable",
+    )
     pki.set_defaults(run=_dev_pki)
 
     keys = commands.add_parser("keys", help="manage the key-encryption keyring")
@@ -128,8 +133,15 @@ def _print_banner(config: Config, port: int) -> None:
     if config.uses_dev_pki:
         pki = config.dev_pki_dir.resolve()
         grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-        base = [grpcurl, "-cacert", str(pki / "ca.pem"), "-cert", str(pki / "client.pem"),
-                "-key", str(pki / "client-key.pem")]
+        base = [
+            grpcurl,
+            "-cacert",
+            str(pki / "ca.pem"),
+            "-cert",
+            str(pki / "client.pem"),
+            "-key",
+            str(pki / "client-key.pem"),
+        ]
         lines += [
             f"  dev client certificate: {pki / 'client.pem'} (key {pki / 'client-key.pem'}, CA {pki / 'ca.pem'})",
             "  try:",

@@ -171,7 +171,7 @@ def load(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
-    config = _build(Config, raw, "")
+    config = typing.cast(Config, _build(Config, raw, ""))
     _validate(config)
     return config
 
@@ -241,12 +241,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is Path:
-        if isinstance(value, str):
-            return Path(value)
+    elif hint is str and isinstance(value, str):
+        return value
+    elif hint is Path and isinstance(value, str):
+        return Path(value)
     raise ConfigurationError(f"config: {where} must be {getattr(hint, '__name__', hint)}")
 
 

@@ -90,7 +90,9 @@ async def running_broker(config: Config, pki: TestPki) -> AsyncIterator[RunningB
         await broker.stop()
 
 
-def stubs(channel: grpc.aio.Channel) -> tuple[account_service_pb2_grpc.AccountServiceStub, mail_service_pb2_grpc.MailServiceStub]:
+def stubs(
+    channel: grpc.aio.Channel,
+) -> tuple[account_service_pb2_grpc.AccountServiceStub, mail_service_pb2_grpc.MailServiceStub]:
     return account_service_pb2_grpc.AccountServiceStub(channel), mail_service_pb2_grpc.MailServiceStub(channel)
 
 
@@ -138,5 +140,13 @@ def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     return rpc_status.from_call(error)  # type: ignore[arg-type]
 
 
-__all__ = ["RunningBroker", "error_reason", "replace", "rich_status", "running_broker", "seed_account", "stubs",
-           "test_config"]
+__all__ = [
+    "RunningBroker",
+    "error_reason",
+    "replace",
+    "rich_status",
+    "running_broker",
+    "seed_account",
+    "stubs",
+    "test_config",
+]

@@ -6,8 +6,7 @@ from typing import Any
 
 import grpc
 from mailbroker.v1 import account_service_pb2 as pb
-from mailbroker.v1 import account_service_pb2_grpc
-from mailbroker.v1 import resources_pb2
+from mailbroker.v1 import account_service_pb2_grpc, resources_pb2
 
 from server.api import convert, names
 from server.domain.accounts import Accounts
@@ -60,9 +59,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
             audit_event=names.audit_event_name(receipt.audit_event_id),
         )
 
-    async def ListAuditEvents(
-        self, request: pb.ListAuditEventsRequest, context: Context
-    ) -> pb.ListAuditEventsResponse:
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
         account_id = names.parse_account(request.account, "account") if request.account else None
         events, next_token = await self._audit.list(
             current_principal.get(), account_id, request.page_size, request.page_token, request.all_tenants

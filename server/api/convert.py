@@ -13,7 +13,11 @@ from server.api import names
 from server.domain.models import Account, AccountState, AuditEvent, Capability, MailServer, Provider, TransportSecurity
 from server.errors import FieldViolation, InvalidArgument
 
-PROVIDERS = {Provider.GOOGLE: pb.PROVIDER_GOOGLE, Provider.MICROSOFT: pb.PROVIDER_MICROSOFT, Provider.IMAP: pb.PROVIDER_IMAP}
+PROVIDERS = {
+    Provider.GOOGLE: pb.PROVIDER_GOOGLE,
+    Provider.MICROSOFT: pb.PROVIDER_MICROSOFT,
+    Provider.IMAP: pb.PROVIDER_IMAP,
+}
 CAPABILITIES = {
     Capability.METADATA: pb.CAPABILITY_METADATA,
     Capability.READ: pb.CAPABILITY_READ,
@@ -65,7 +69,7 @@ def account_to_proto(account: Account) -> pb.Account:
 
 def capabilities_from_proto(values: Iterable[int], field: str = "capabilities") -> frozenset[Capability]:
     """The requested capabilities; at least one, each a known value."""
-    by_value = {v: k for k, v in CAPABILITIES.items()}
+    by_value: dict[int, Capability] = {int(v): k for k, v in CAPABILITIES.items()}
     wanted = list(values)
     if not wanted or any(v not in by_value for v in wanted):
         raise InvalidArgument(
@@ -98,8 +102,8 @@ def audit_event_to_proto(event: AuditEvent) -> pb.AuditEvent:
 
 def erasure_step_to_proto(step: dict[str, Any]) -> pb.ErasureStep:
     return pb.ErasureStep(
-        kind=pb.ErasureStepKind.Value(f"ERASURE_STEP_KIND_{step['kind']}"),
-        outcome=pb.ErasureOutcome.Value(f"ERASURE_OUTCOME_{step['outcome']}"),
+        kind=f"ERASURE_STEP_KIND_{step['kind']}",
+        outcome=f"ERASURE_OUTCOME_{step['outcome']}",
         reason=step.get("reason", ""),
         detail=step.get("detail", ""),
         complete_time=timestamp(datetime.fromisoformat(step["complete_time"])) if step.get("complete_time") else None,

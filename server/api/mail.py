@@ -52,7 +52,9 @@ class MailServicer(mail_service_pb2_grpc.MailServiceServicer):
         await self._require(account_id, Capability.READ if full else Capability.METADATA)
         raise _no_driver()
 
-    async def GetAttachment(self, request: pb.GetAttachmentRequest, context: Context) -> AsyncIterator[pb.AttachmentChunk]:
+    async def GetAttachment(
+        self, request: pb.GetAttachmentRequest, context: Context
+    ) -> AsyncIterator[pb.AttachmentChunk]:
         account_id, _, _ = names.parse_attachment(request.name)
         await self._require(account_id, Capability.READ)
         raise _no_driver()

@@ -80,4 +80,6 @@ class Erasure:
                 "PASSWORD_CREDENTIAL",
                 "an IMAP password cannot be revoked by the broker; the user can change it at the mail provider",
             )
-        return _step("REVOKE_AT_PROVIDER", "FAILED", "REVOCATION_NOT_IMPLEMENTED", "no revocation for this provider yet")
+        return _step(
+            "REVOKE_AT_PROVIDER", "FAILED", "REVOCATION_NOT_IMPLEMENTED", "no revocation for this provider yet"
+        )

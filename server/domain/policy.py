@@ -28,11 +28,7 @@ class Policy:
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> Policy:
-        return cls(
-            rules=tuple(
-                (rule.identities, tuple(m.lstrip("/") for m in rule.methods)) for rule in config.rules
-            )
-        )
+        return cls(rules=tuple((rule.identities, tuple(m.lstrip("/") for m in rule.methods)) for rule in config.rules))
 
     def allows(self, identity: str, method: str) -> bool:
         """Whether ``identity`` may call ``method`` (``/pkg.Service/Method`` or ``pkg.Service/Method``)."""

@@ -46,7 +46,7 @@ class AuthenticationInterceptor(HandlerInterceptor):
 
     @asynccontextmanager
     async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        certs = context.auth_context().get("x509_pem_cert") or []
+        certs = list(context.auth_context().get("x509_pem_cert") or [])
         identity = self._identity(certs[0]) if certs else None
         if identity is None:
             await abort_with(context, Unauthenticated("a client certificate is required", reason="NO_CLIENT_IDENTITY"))

@@ -17,26 +17,26 @@ import grpc
 Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
 
-class HandlerInterceptor(grpc.aio.ServerInterceptor):
+class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Base class: subclasses implement :meth:`around`, entered for the whole life of every call."""
 
-    def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AbstractAsyncContextManager[None]:
+    def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         return wrap_handler(handler, handler_call_details.method, self.around)
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) -> grpc.RpcMethodHandler:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, around: Around
+) -> grpc.RpcMethodHandler[Any, Any]:
     """Return a handler equal to ``handler`` whose behaviour runs inside ``around(method, context)``."""
     des, ser = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
@@ -45,6 +45,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) ->
         return grpc.unary_stream_rpc_method_handler(_wrap(handler.unary_stream, method, around), des, ser)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(_wrap(handler.stream_unary, method, around), des, ser)
+    assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(_wrap(handler.stream_stream, method, around), des, ser)
 
 

@@ -88,17 +88,39 @@ async def test_certificates_that_do_not_verify_never_reach_a_handler(broker: Run
         (apb.GetAccountRequest(name=""), grpc.StatusCode.INVALID_ARGUMENT, "MISSING_FIELD", "name"),
         (apb.GetAccountRequest(name="accounts/"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME", "name"),
         (apb.GetAccountRequest(name="users/abc"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME", "name"),
-        (apb.GetAccountRequest(name="accounts/abc/x"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME", "name"),
-        (apb.GetAccountRequest(name="accounts/../x"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME", "name"),
+        (
+            apb.GetAccountRequest(name="accounts/abc/x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_RESOURCE_NAME",
+            "name",
+        ),
+        (
+            apb.GetAccountRequest(name="accounts/../x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_RESOURCE_NAME",
+            "name",
+        ),
         (apb.GetAccountRequest(name="accounts/abc"), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", None),
         (apb.ListAccountsRequest(page_size=-1), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size"),
-        (apb.ListAccountsRequest(page_token="garbage"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN",
-         "page_token"),
+        (
+            apb.ListAccountsRequest(page_token="garbage"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+            "page_token",
+        ),
         (apb.ListAuditEventsRequest(page_size=-5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size"),
-        (apb.ListAuditEventsRequest(page_token="AAAA"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN",
-         "page_token"),
-        (apb.ListAuditEventsRequest(account="nope"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME",
-         "account"),
+        (
+            apb.ListAuditEventsRequest(page_token="AAAA"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+            "page_token",
+        ),
+        (
+            apb.ListAuditEventsRequest(account="nope"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_RESOURCE_NAME",
+            "account",
+        ),
         (apb.DeleteAccountRequest(name="accounts/zzz"), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", None),
     ],
 )
@@ -153,22 +175,48 @@ async def test_mail_methods_check_name_tenant_and_capability_before_the_missing_
         _, mail = stubs(a)
         _, mail_b = stubs(b)
         cases = [
-            (mail.GetMessage(mpb.GetMessageRequest(name=f"{name}/messages/m1", view=rpb.MESSAGE_VIEW_FULL), timeout=5),
-             grpc.StatusCode.PERMISSION_DENIED, "CAPABILITY_NOT_GRANTED"),
-            (mail.SendMessage(mpb.SendMessageRequest(account=name), timeout=5),
-             grpc.StatusCode.PERMISSION_DENIED, "CAPABILITY_NOT_GRANTED"),
-            (mail.ListMessages(mpb.ListMessagesRequest(parent=name, query="x"), timeout=5),
-             grpc.StatusCode.PERMISSION_DENIED, "CAPABILITY_NOT_GRANTED"),
-            (mail.ListFolders(mpb.ListFoldersRequest(parent=name), timeout=5),
-             grpc.StatusCode.UNIMPLEMENTED, "PROVIDER_NOT_IMPLEMENTED"),
-            (mail.GetMessage(mpb.GetMessageRequest(name=f"{name}/messages/m1"), timeout=5),
-             grpc.StatusCode.UNIMPLEMENTED, "PROVIDER_NOT_IMPLEMENTED"),
-            (mail.ListMessages(mpb.ListMessagesRequest(parent=name, folder="accounts/other/folders/f"), timeout=5),
-             grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME"),
-            (mail.GetMessage(mpb.GetMessageRequest(name=f"{name}/folders/m1"), timeout=5),
-             grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE_NAME"),
-            (mail_b.ListFolders(mpb.ListFoldersRequest(parent=name), timeout=5),
-             grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+            (
+                mail.GetMessage(
+                    mpb.GetMessageRequest(name=f"{name}/messages/m1", view=rpb.MESSAGE_VIEW_FULL), timeout=5
+                ),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "CAPABILITY_NOT_GRANTED",
+            ),
+            (
+                mail.SendMessage(mpb.SendMessageRequest(account=name), timeout=5),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "CAPABILITY_NOT_GRANTED",
+            ),
+            (
+                mail.ListMessages(mpb.ListMessagesRequest(parent=name, query="x"), timeout=5),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "CAPABILITY_NOT_GRANTED",
+            ),
+            (
+                mail.ListFolders(mpb.ListFoldersRequest(parent=name), timeout=5),
+                grpc.StatusCode.UNIMPLEMENTED,
+                "PROVIDER_NOT_IMPLEMENTED",
+            ),
+            (
+                mail.GetMessage(mpb.GetMessageRequest(name=f"{name}/messages/m1"), timeout=5),
+                grpc.StatusCode.UNIMPLEMENTED,
+                "PROVIDER_NOT_IMPLEMENTED",
+            ),
+            (
+                mail.ListMessages(mpb.ListMessagesRequest(parent=name, folder="accounts/other/folders/f"), timeout=5),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_RESOURCE_NAME",
+            ),
+            (
+                mail.GetMessage(mpb.GetMessageRequest(name=f"{name}/folders/m1"), timeout=5),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_RESOURCE_NAME",
+            ),
+            (
+                mail_b.ListFolders(mpb.ListFoldersRequest(parent=name), timeout=5),
+                grpc.StatusCode.NOT_FOUND,
+                "ACCOUNT_NOT_FOUND",
+            ),
         ]
         for call, code, reason in cases:
             error = await _fails(call)
@@ -182,10 +230,15 @@ async def test_mail_methods_check_name_tenant_and_capability_before_the_missing_
                 async for _ in stream:
                     pass
             assert caught.value.code() in (
-                grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND
+                grpc.StatusCode.UNIMPLEMENTED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.NOT_FOUND,
             )
-            assert error_reason(caught.value) in ("PROVIDER_NOT_IMPLEMENTED", "CAPABILITY_NOT_GRANTED",
-                                                  "ACCOUNT_NOT_FOUND")
+            assert error_reason(caught.value) in (
+                "PROVIDER_NOT_IMPLEMENTED",
+                "CAPABILITY_NOT_GRANTED",
+                "ACCOUNT_NOT_FOUND",
+            )
 
 
 async def test_unimplemented_provider_methods_say_so_with_a_reason(broker: RunningBroker) -> None:
@@ -239,7 +292,9 @@ async def test_only_auditors_list_every_tenant(broker: RunningBroker) -> None:
         await accounts_b.ListAuditEvents(apb.ListAuditEventsRequest(all_tenants=True), timeout=5)
 
 
-async def test_an_unexpected_error_is_a_generic_internal(broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_unexpected_error_is_a_generic_internal(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from server.store.repository import Store
 
     def explode(*_: object) -> None:

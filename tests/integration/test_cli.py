@@ -97,7 +97,9 @@ def test_grpcurl_describe_and_health(serving: Serving) -> None:
     health = _grpcurl(*tls, serving.target(), "grpc.health.v1.Health/Check")
     assert health.returncode == 0
     assert json.loads(health.stdout) == {"status": "SERVING"}
-    error = _grpcurl(*tls, "-d", '{"name": "accounts/nope"}', serving.target(), "mailbroker.v1.AccountService/GetAccount")
+    error = _grpcurl(
+        *tls, "-d", '{"name": "accounts/nope"}', serving.target(), "mailbroker.v1.AccountService/GetAccount"
+    )
     assert error.returncode != 0
     assert "NotFound" in error.stderr
 
@@ -132,8 +134,9 @@ def test_sigterm_stops_the_broker_cleanly_and_a_restart_reuses_pki_and_keys(tmp_
 
 
 def _fails_in_one_line(*args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run([*MAILBROKER, *args], capture_output=True, text=True, timeout=60, check=False,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [*MAILBROKER, *args], capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **(env or {})}
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -186,8 +189,9 @@ def test_a_store_without_its_key_refuses_to_start(tmp_path: Path) -> None:
 
 def test_dev_pki_adds_clients_and_keys_init_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "pki"
-    subprocess.run([*MAILBROKER, "dev-pki", "--out", str(out), "--client", "billing"], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [*MAILBROKER, "dev-pki", "--out", str(out), "--client", "billing"], check=True, capture_output=True, timeout=60
+    )
     for name in ("ca.pem", "server.pem", "client.pem", "billing.pem", "billing-key.pem"):
         assert (out / name).is_file()
     keys = tmp_path / "k.json"

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, delete, func, inspect, select, text, update
+from sqlalchemy import Engine, delete, func, inspect, select, update
 
 from server.crypto.aead import DecryptionError
 from server.crypto.keyring import Keyring
@@ -277,7 +277,7 @@ def test_times_come_back_as_the_same_instant_in_utc(store: Store) -> None:
 
 def test_naive_datetimes_are_refused(store: Store) -> None:
     with pytest.raises(sqlalchemy.exc.StatementError):
-        store.create_account(make_account(created=datetime(2025, 1, 1)), {})  # noqa: DTZ001 - the point
+        store.create_account(make_account(created=datetime(2025, 1, 1)), {})
 
 
 def test_an_unknown_secret_name_is_refused(store: Store) -> None:
@@ -299,7 +299,7 @@ def test_creating_an_existing_account_id_is_already_exists(store: Store) -> None
     assert store.get_account("tenant-b", account.id) is None
 
 
-def test_a_failed_create_leaves_no_half_written_rows(store: Store, db_path: Path) -> None:
+def test_a_failed_create_leaves_no_half_written_rows(store: Store, engine: Engine, db_path: Path) -> None:
     account_id = new_account_id()
     # An orphan secrets row (possible only with foreign keys off) makes the LAST insert of create_account fail.
     raw = sqlalchemy.create_engine(f"sqlite:///{db_path}")
@@ -311,7 +311,6 @@ def test_a_failed_create_leaves_no_half_written_rows(store: Store, db_path: Path
     with pytest.raises(AlreadyExists):
         store.create_account(make_account(account_id=account_id), {"imap_password": b"pw"})
 
-    engine = store._engine
     assert count_rows(engine, data_keys, account_id) == 0
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).where(accounts.c.id == account_id)) == 0
