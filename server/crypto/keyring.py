@@ -68,7 +68,7 @@ class Keyring:
 
 
 def load_keyring(key_file: Path | None, environ: Mapping[str, str]) -> Keyring:
-    """Load the keyring from ``MAILBROKER_KEKS`` if set, else from ``key_file``; raise ConfigurationError if neither."""
+    """Load the keyring from ``MAILBROKER_KEKS`` if non-empty, else from ``key_file``; fail closed if neither works."""
     env_value = environ.get(ENV_VAR, "").strip()
     if env_value:
         return _keyring_from_env(env_value)
@@ -101,10 +101,10 @@ def add_key_version(path: Path) -> int:
     try:
         _write_new_file(temporary, _encode_document(document))
         os.replace(temporary, path)
+        _fsync_directory(path.parent)  # make the rename itself durable
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise ConfigurationError(f"cannot rewrite key file {path}: {exc.strerror}") from None
-    _fsync_directory(path.parent)
     return version
 
 
@@ -112,7 +112,7 @@ def _keyring_from_env(value: str) -> Keyring:
     keys: dict[int, bytes] = {}
     for position, entry in enumerate(value.split(","), start=1):
         version_text, separator, key_text = entry.strip().partition(":")
-        if not separator or not version_text.isdigit() or int(version_text) < 1:
+        if not separator or not (version_text.isascii() and version_text.isdigit()) or int(version_text) < 1:
             raise ConfigurationError(f"{ENV_VAR}: entry {position} is not VERSION:BASE64KEY with VERSION >= 1")
         version = int(version_text)
         if version in keys:

@@ -60,7 +60,7 @@ def checkpoint_and_vacuum(engine: Engine) -> bool:
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()
-        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         row = cursor.fetchone()
         cursor.close()
     finally:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
-from sqlalchemy import Row, delete, func, literal, select, update
+from sqlalchemy import Row, Select, delete, func, literal, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -252,7 +252,7 @@ class Store:
         )
 
 
-def _account_query() -> Any:
+def _account_query() -> Select[Any]:
     return select(accounts, data_keys.c.kek_version, data_keys.c.wrapped).join(
         data_keys, data_keys.c.account_id == accounts.c.id
     )

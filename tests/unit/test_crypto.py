@@ -173,6 +173,7 @@ def test_an_empty_env_value_falls_back_to_the_key_file(tmp_path: Path, key: byte
         pytest.param(lambda k: f"1:{b64(k)},1:{b64(k)}", id="duplicate version"),
         pytest.param(lambda k: f"0:{b64(k)}", id="version zero"),
         pytest.param(lambda k: f"v1:{b64(k)}", id="version not a number"),
+        pytest.param(lambda k: f"\u00b2:{b64(k)}", id="version a non-ascii digit"),
         pytest.param(lambda k: b64(k), id="no version"),
         pytest.param(lambda k: f"1:{b64(k)}!!", id="not base64"),
         pytest.param(lambda k: f"1:{b64(k)},", id="empty entry"),
@@ -391,6 +392,23 @@ def test_secret_aad_keeps_different_fields_apart(
     first: tuple[str, str, str, int], second: tuple[str, str, str, int]
 ) -> None:
     assert secret_aad(*first) != secret_aad(*second)
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        ("account_secrets", "imap_password", "a2", 1),
+        ("account_secrets", "refresh_token", "a1", 1),
+        ("accounts", "imap_password", "a1", 1),
+        ("account_secrets", "imap_password", "a1", 2),
+    ],
+)
+def test_a_value_sealed_for_one_place_does_not_open_in_another(
+    key: bytes, elsewhere: tuple[str, str, str, int]
+) -> None:
+    blob = seal(key, b"pw", secret_aad("account_secrets", "imap_password", "a1", 1))
+    with pytest.raises(DecryptionError):
+        open_sealed(key, blob, secret_aad(*elsewhere))
 
 
 def test_secret_aad_is_deterministic() -> None:

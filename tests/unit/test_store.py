@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, delete, func, inspect, select, update
+from sqlalchemy import Engine, delete, event, func, inspect, select, update
 
 from server.crypto.aead import DecryptionError
+from server.crypto.datakeys import unwrap_data_key
 from server.crypto.keyring import Keyring
 from server.domain.models import (
     Account,
@@ -142,7 +144,9 @@ def sql(engine: Engine, statement: Any) -> None:
 
 def count_rows(engine: Engine, table: sqlalchemy.Table, account_id: str) -> int:
     with engine.connect() as connection:
-        return int(connection.scalar(select(func.count()).select_from(table).where(table.c.account_id == account_id)))
+        return int(
+            connection.scalar(select(func.count()).select_from(table).where(table.c.account_id == account_id)) or 0
+        )
 
 
 # --- engine: SQLite hardening --------------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def test_an_existing_database_file_with_loose_permissions_is_tightened(tmp_path:
     assert mode(db_path) == 0o600
 
 
-def test_a_write_transaction_sees_a_consistent_snapshot_under_concurrent_writers(store: Store, engine: Engine) -> None:
+def test_concurrent_appends_and_creates_neither_fail_nor_fork_the_chain(store: Store, engine: Engine) -> None:
     """Threads appending audit events while others create accounts: no lock errors, no fork, no gaps."""
     errors: list[BaseException] = []
 
@@ -448,7 +452,7 @@ def test_a_secret_copied_to_another_column_does_not_decrypt(
 
 
 def test_a_data_key_copied_to_another_account_does_not_unwrap(
-    store: Store, engine: Engine, two_accounts: tuple[Account, Account]
+    store: Store, engine: Engine, keyring: Keyring, two_accounts: tuple[Account, Account]
 ) -> None:
     first, second = two_accounts
     stolen = raw_value(engine, data_keys.c.wrapped, first.id)
@@ -457,6 +461,9 @@ def test_a_data_key_copied_to_another_account_does_not_unwrap(
         store.read_secret(second.id, "imap_password")
     with pytest.raises(DecryptionError):
         store.get_account(second.tenant, second.id)
+    # The unwrap itself fails, not only the values sealed under the other account's key.
+    with pytest.raises(DecryptionError):
+        unwrap_data_key(keyring, second.id, raw_value(engine, data_keys.c.kek_version, first.id), stolen)
 
 
 def test_a_secret_and_data_key_copied_together_still_do_not_decrypt(
@@ -570,6 +577,21 @@ def test_no_secret_or_personal_value_is_on_disk_and_erasure_leaves_no_trace(
     assert store.read_secret(bystander.id, "imap_password") == b"bystander"
 
 
+def test_checkpoint_reports_when_a_reader_keeps_the_wal_from_being_emptied(db_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{db_path}")
+    # Registered after the engine's own listener, so it wins: the checkpoint gives up in 50 ms, not 5 s.
+    event.listen(engine, "connect", lambda connection, _record: connection.execute("PRAGMA busy_timeout=50"))
+    try:
+        upgrade(engine)
+        with engine.connect() as reader:
+            reader.execute(select(func.count()).select_from(accounts))  # holds a read snapshot of the WAL
+            assert not checkpoint_and_vacuum(engine)
+        assert checkpoint_and_vacuum(engine)
+        assert Path(f"{db_path}-wal").stat().st_size == 0
+    finally:
+        engine.dispose()
+
+
 def add_rows_about(engine: Engine, account_id: str) -> None:
     """A consent, a feed cursor, an idempotency record and an OAuth state for the account."""
     with engine.begin() as connection:
@@ -651,7 +673,7 @@ def five_events(store: Store, clock: Clock) -> list[AuditEvent]:
 def test_appended_events_form_a_chain_that_verifies(store: Store, five_events: list[AuditEvent]) -> None:
     assert [e.sequence for e in five_events] == [1, 2, 3, 4, 5]
     assert five_events[0].previous_digest == GENESIS_DIGEST
-    assert all(later.previous_digest == earlier.digest for earlier, later in zip(five_events, five_events[1:]))
+    assert all(later.previous_digest == earlier.digest for earlier, later in itertools.pairwise(five_events))
     assert all(event.digest == event_digest(event) for event in five_events)
     assert store.list_audit_events(None, None, page_size=100) == five_events
     assert store.verify_audit_chain() is None
@@ -720,25 +742,38 @@ def _append_forgery(engine: Engine, previous_digest: str) -> None:
     )
 
 
-TAMPERINGS = {
-    "edit details": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 3).values(details='{"step":99}')), 3),
-    "edit details whitespace": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 3).values(details='{"step": 2}')), 3),
-    "edit actor": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 2).values(actor="root")), 2),
-    "edit time": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 4).values(event_time=T0)), 4),
-    "details not json": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 3).values(details="{")), 3),
-    "delete a middle row": (lambda e, events: sql(e, delete(audit_events).where(audit_events.c.sequence == 3)), 4),
-    "delete the first row": (lambda e, events: sql(e, delete(audit_events).where(audit_events.c.sequence == 1)), 2),
-    "swap two rows": (lambda e, events: _swap(e, 2, 4), 2),
-    "forged row with a consistent digest": (lambda e, events: _replace_with_consistent_forgery(e, 3), 4),
-    "forged row appended": (lambda e, events: _append_forgery(e, events[-1].digest), 6),
-    "forged row appended with a bad link": (lambda e, events: _append_forgery(e, GENESIS_DIGEST), 6),
-    "edit the last digest": (lambda e, events: sql(e, update(audit_events).where(audit_events.c.sequence == 5).values(digest="0" * 64)), 5),
-}  # fmt: skip
+Tampering = Callable[[Engine, list[AuditEvent]], None]
+
+
+def edit(sequence: int, **values: Any) -> Tampering:
+    return lambda engine, _events: sql(
+        engine, update(audit_events).where(audit_events.c.sequence == sequence).values(**values)
+    )
+
+
+def remove(sequence: int) -> Tampering:
+    return lambda engine, _events: sql(engine, delete(audit_events).where(audit_events.c.sequence == sequence))
+
+
+TAMPERINGS: dict[str, tuple[Tampering, int]] = {
+    "edit details": (edit(3, details='{"step":99}'), 3),
+    "edit details whitespace only": (edit(3, details='{"step": 2}'), 3),
+    "details not json": (edit(3, details="{"), 3),
+    "edit actor": (edit(2, actor="root"), 2),
+    "edit time": (edit(4, event_time=T0), 4),
+    "edit the last digest": (edit(5, digest="0" * 64), 5),
+    "delete a middle row": (remove(3), 4),
+    "delete the first row": (remove(1), 2),
+    "swap two rows": (lambda engine, _events: _swap(engine, 2, 4), 2),
+    "forged row with a consistent digest": (lambda engine, _events: _replace_with_consistent_forgery(engine, 3), 4),
+    "forged row appended": (lambda engine, events: _append_forgery(engine, events[-1].digest), 6),
+    "forged row appended with a bad link": (lambda engine, _events: _append_forgery(engine, GENESIS_DIGEST), 6),
+}
 
 
 @pytest.mark.parametrize(("tamper", "first_broken"), TAMPERINGS.values(), ids=TAMPERINGS.keys())
 def test_verify_audit_chain_finds_the_first_broken_link(
-    store: Store, engine: Engine, five_events: list[AuditEvent], tamper: Any, first_broken: int
+    store: Store, engine: Engine, five_events: list[AuditEvent], tamper: Tampering, first_broken: int
 ) -> None:
     assert store.verify_audit_chain() is None
     tamper(engine, five_events)
