@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,6 +28,7 @@ from server.errors import ConfigurationError
 from server.interceptors.access_log import AccessLogInterceptor
 from server.interceptors.authentication import AuthenticationInterceptor
 from server.interceptors.authorization import AuthorizationInterceptor
+from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.migrate import upgrade
@@ -83,14 +84,14 @@ class Broker:
     health: HealthServicer
     blocking: BlockingPool
     grace: float
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: asyncio.Event
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, end open streams so clients resume elsewhere, then close."""
-        if self.stopping.is_set():
+        if self.draining.is_set():
             return
-        self.stopping.set()
         await self.health.enter_graceful_shutdown()
+        self.draining.set()
         await self.server.stop(self.grace)
         self.blocking.shutdown()
         log.info("stopped", extra={"event": "shutdown"})
@@ -114,11 +115,13 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
     erasure = Erasure(store, accounts, blocking, scrub=lambda: checkpoint_and_vacuum(engine))
 
+    draining = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
             AccessLogInterceptor(),
             AuthenticationInterceptor(policy),
             AuthorizationInterceptor(policy),
+            DrainingInterceptor(draining),
             ErrorMappingInterceptor(),
         ],
         options=server_options(config),
@@ -141,4 +144,4 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"event": "startup", "port": port})
-    return Broker(server, port, health, blocking, config.server.shutdown_grace_seconds)
+    return Broker(server, port, health, blocking, config.server.shutdown_grace_seconds, draining)

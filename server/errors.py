@@ -15,8 +15,10 @@ status it maps to (by name, so this module stays free of grpc) and a default ``r
     ├── ResourceExhausted        RESOURCE_EXHAUSTED
     ├── Unimplemented            UNIMPLEMENTED
     ├── DeadlineExceeded         DEADLINE_EXCEEDED
-    ├── ProviderUnavailable      UNAVAILABLE           (retry_after when the provider said so)
-    │   └── RateLimited          UNAVAILABLE
+    ├── Unavailable              UNAVAILABLE
+    │   ├── ShuttingDown         UNAVAILABLE           (streams end so clients resume on another replica)
+    │   └── ProviderUnavailable  UNAVAILABLE           (retry_after when the provider said so)
+    │       └── RateLimited      UNAVAILABLE
     └── Internal                 INTERNAL              (never carries detail to the caller)
 
 Messages are written for the caller: they must never contain an address, subject, body, token, password, host or
@@ -122,8 +124,18 @@ class DeadlineExceeded(BrokerError):
     default_message = "deadline exceeded"
 
 
-class ProviderUnavailable(BrokerError):
+class Unavailable(BrokerError):
     code = "UNAVAILABLE"
+    default_reason = "UNAVAILABLE"
+    default_message = "unavailable; retry"
+
+
+class ShuttingDown(Unavailable):
+    default_reason = "SERVER_SHUTTING_DOWN"
+    default_message = "the server is shutting down; resume from the last resume token"
+
+
+class ProviderUnavailable(Unavailable):
     default_reason = "PROVIDER_UNAVAILABLE"
     default_message = "the mail provider is unavailable"
 

@@ -1,0 +1,57 @@
+"""Graceful shutdown for server streams: when the broker starts draining, every open stream ends at once with
+UNAVAILABLE (reason SERVER_SHUTTING_DOWN), so its client resumes from its last token on another replica instead of
+hanging until the shutdown grace runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from server.errors import ShuttingDown
+from server.interceptors.errors import abort_with
+
+
+class DrainingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Races each server-streaming handler against ``draining``."""
+
+    def __init__(self, draining: asyncio.Event) -> None:
+        self._draining = draining
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_stream is None or not inspect.isasyncgenfunction(handler.unary_stream):
+            return handler
+        inner: Callable[..., AsyncGenerator[Any, None]] = handler.unary_stream
+        draining = self._draining
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            responses = inner(request, context)
+            stop = asyncio.ensure_future(draining.wait())
+            try:
+                while True:
+                    following = asyncio.ensure_future(anext(responses))
+                    await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    if not following.done():
+                        following.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                            await following
+                        await abort_with(context, ShuttingDown())
+                    try:
+                        response = following.result()
+                    except StopAsyncIteration:
+                        return
+                    yield response
+            finally:
+                stop.cancel()
+                await responses.aclose()
+
+        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
