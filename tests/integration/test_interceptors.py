@@ -87,6 +87,11 @@ async def test_the_principal_reaches_the_handler_and_the_request_id_comes_back(s
         assert ("x-request-id", "req-12345678") in tuple(await call.trailing_metadata())
 
 
+async def _read_to_end(stream: Any) -> None:
+    while await stream.read() is not grpc.aio.EOF:
+        pass
+
+
 async def test_draining_ends_open_streams_with_unavailable_at_once(served: Any) -> None:
     pki, target, draining = served
     async with _channel(pki, target) as channel:
@@ -97,10 +102,7 @@ async def test_draining_ends_open_streams_with_unavailable_at_once(served: Any) 
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            while True:
-                message = await stream.read()
-                if message is grpc.aio.EOF:
-                    break
+            await _read_to_end(stream)
         assert (caught.value.code(), error_reason(caught.value)) == (
             grpc.StatusCode.UNAVAILABLE,
             "SERVER_SHUTTING_DOWN",
