@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,24 @@ def server_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+def _check_port_free(listen: str) -> None:
+    """Refuse a port that is taken with one clear line (gRPC's own bind failure also prints a C-core log line)."""
+    host, _, port = listen.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except OSError:
+        raise ConfigurationError(f"cannot listen on {listen} (the host does not resolve)") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigurationError(f"cannot listen on {listen} ({exc.strerror})") from None
+
+
 @dataclass
 class Broker:
     """A running broker. ``port`` is the bound port (useful with ``HOST:0``)."""
@@ -134,6 +153,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
 
+    _check_port_free(config.server.listen)
     try:
         port = server.add_secure_port(config.server.listen, credentials)
     except RuntimeError:

@@ -243,7 +243,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             pass
     elif hint is str and isinstance(value, str):
         return value
-    elif hint is Path and isinstance(value, str):
+    elif hint is Path and isinstance(value, str | Path):
         return Path(value)
     raise ConfigurationError(f"config: {where} must be {getattr(hint, '__name__', hint)}")
 

@@ -6,8 +6,9 @@ text such as a subject formatted into a message: keeping that out of logs is the
 the common slips harmless.
 
 Each rule is a precompiled pattern guarded by a cheap substring test, so a line pays only for the shapes it might
-contain; no pattern backtracks more than a bounded amount per position. :func:`redact` never raises: if anything
-goes wrong it withholds the whole text.
+contain, and no pattern backtracks quadratically on a long line (runs are matched from their start only). About
+0.1-0.3 ms for a 4 KiB line, a few microseconds for a typical one. :func:`redact` never raises: if anything goes
+wrong it withholds the whole text.
 """
 
 from __future__ import annotations
@@ -95,14 +96,17 @@ _KEY_ALTERNATION: Final = "|".join(
     )
 )
 _VALUE: Final = (
-    r"""(?P<value>\\"(?:(?!\\").)*\\"|"(?:[^"\\\r\n]|\\.)*"|'(?:[^'\\\r\n]|\\.)*'"""
+    r"""(?:\\"(?:(?!\\").)*\\"|"(?:[^"\\\r\n]|\\.)*"|'(?:[^'\\\r\n]|\\.)*'"""
     r"""|(?:[^\s&"'<>,;(){}\[\]%]|%(?!26))+)"""
 )
-# The key must follow a non-key character ("+" or "/" before it means it sits inside a base64 run). redact() puts a
-# space in front of the text so that a key at the very start has one too; consuming it, rather than a look-behind,
-# lets the engine skip ahead to candidate characters.
+# The key must follow a non-key character or a URL escape such as "%26" ("+" or "/" before it means it sits inside
+# a base64 run). redact() puts a space in front of the text so that a key at the very start has one too; consuming
+# it, rather than a look-behind, lets the engine skip ahead to candidate characters.
 _KEY_VALUE = re.compile(
-    r"""(?P<pre>[^\w$%+/-])(?P<key>""" + _KEY_ALTERNATION + r""")(?P<sep>\\?["']?[ \t]*(?:=|:|%3D)[ \t]*)""" + _VALUE
+    r"""(?P<head>(?:[^\w$%+/-]|%[0-9A-Fa-f]{2})(?:"""
+    + _KEY_ALTERNATION
+    + r""")\\?["']?[ \t]*(?:=|:|%3D)[ \t]*)"""
+    + _VALUE
 )
 _KEY_TRIGGERS: Final = (
     "token",
@@ -119,7 +123,7 @@ _KEY_TRIGGERS: Final = (
 )
 # Search queries carry what a caller looked for (a sender, a subject): Gmail `q`, Graph `$search` and `$filter`.
 # Short names, so only as URL parameters.
-_QUERY_PARAM = re.compile(r"(?P<pre>[?&])(?P<key>q|\$search|%24search|\$filter|%24filter)(?P<sep>=)" + _VALUE)
+_QUERY_PARAM = re.compile(r"(?P<head>[?&](?:q|\$search|%24search|\$filter|%24filter)=)" + _VALUE)
 
 # --- Provider token shapes ----------------------------------------------------------------------------------------
 
@@ -178,13 +182,11 @@ def _mask_base64(match: re.Match[str]) -> str:
 
 
 def _mask_long_run(match: re.Match[str]) -> str:
-    run = match.group()
-    if REDACTED not in (run := _HEX_RUN.sub(REDACTED, run)) and "%" not in run:
-        # The common case: the candidate is itself one base64 run, judged whole.
-        return REDACTED if _looks_random(run) else run
-    if run.islower() or run.isupper():  # one letter case: a path or an id, never a random base64 run
-        return run
-    return _BASE64_RUN.sub(_mask_base64, run)
+    run = _HEX_RUN.sub(REDACTED, match.group())
+    if "%" in run or REDACTED in run:
+        # URL escapes or a masked hex stretch split the candidate: judge each base64 run inside it.
+        return _BASE64_RUN.sub(_mask_base64, run)
+    return REDACTED if _looks_random(run) else run
 
 
 def _mask_email(match: re.Match[str]) -> str:
@@ -196,7 +198,7 @@ def _mask_sasl_command(match: re.Match[str]) -> str:
     return f"{match.group(1)} {match.group(2)} {REDACTED}"
 
 
-_KEEP_KEY: Final = rf"\g<pre>\g<key>\g<sep>{REDACTED}"
+_KEEP_KEY: Final = rf"\g<head>{REDACTED}"
 
 # Order matters: protocol lines and headers before generic key=value (so "Authorization: Bearer x" loses both
 # words), whole runs before token prefixes (so a "1//" inside a base64 run cannot leave the rest of it behind).
@@ -209,7 +211,7 @@ _RULES: Final = (
     _Rule(_KEY_VALUE, _KEEP_KEY, _KEY_TRIGGERS, fold=True),
     _Rule(_QUERY_PARAM, _KEEP_KEY, ("q=", "search=", "filter=", "search%3", "filter%3")),
     _Rule(_JWT, REDACTED, ("eyJ",)),
-    _Rule(_EMAIL_ADDRESS, _mask_email, ("@", "%40")),
+    _Rule(_EMAIL_ADDRESS, _mask_email, ("@", "%40", "%2540")),
     _Rule(_DISPLAY_NAME, EMAIL, (f"<{EMAIL}>",)),
     _Rule(_LONG_RUN, _mask_long_run),
     _Rule(_GOOGLE_TOKEN, REDACTED, ("ya29.", "1//", "1%2", "4/0", "4%2")),
@@ -226,9 +228,9 @@ def redact(text: str) -> str:
         folded: str | None = None
         for rule in _RULES:
             if rule.triggers:
-                if rule.fold and folded is None:
-                    folded = text.lower()
-                haystack = folded if rule.fold and folded is not None else text
+                haystack = text
+                if rule.fold:
+                    folded = haystack = folded if folded is not None else text.lower()
                 if not any(trigger in haystack for trigger in rule.triggers):
                     continue
             masked = rule.pattern.sub(rule.replacement, text)

@@ -33,6 +33,15 @@ class Serving:
     def target(self) -> str:
         return self.banner[0].split()[4]
 
+    def stop(self) -> int:
+        """SIGTERM, as an operator or an orchestrator would; returns the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+
 
 def _serve(data_dir: Path, *extra: str) -> Serving:
     process = subprocess.Popen(
@@ -52,6 +61,8 @@ def _serve(data_dir: Path, *extra: str) -> Serving:
         if "ListAccounts" in line:
             return Serving(process, banner)
     process.kill()
+    process.wait()
+    process.stdout.close()
     raise AssertionError(f"the broker did not print its banner (got {len(banner)} lines)")
 
 
@@ -59,8 +70,7 @@ def _serve(data_dir: Path, *extra: str) -> Serving:
 def serving(tmp_path: Path) -> Iterator[Serving]:
     running = _serve(tmp_path / "var")
     yield running
-    running.process.send_signal(signal.SIGTERM)
-    running.process.wait(timeout=20)
+    running.stop()
 
 
 def _grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -92,8 +102,12 @@ def test_grpcurl_describe_and_health(serving: Serving) -> None:
     described = _grpcurl(*tls, serving.target(), "describe", "mailbroker.v1.AccountService")
     assert described.returncode == 0
     assert "rpc ListAccounts ( .mailbroker.v1.ListAccountsRequest )" in described.stdout
-    described = _grpcurl(*tls, serving.target(), "describe", "mailbroker.v1.MailService.WatchMailbox")
-    assert "returns ( stream .mailbroker.v1.MailboxEvent )" in described.stdout
+    described = _grpcurl(*tls, serving.target(), "describe", "mailbroker.v1.MailService")
+    assert "rpc WatchMailbox ( .mailbroker.v1.WatchMailboxRequest ) returns ( stream .mailbroker.v1.MailboxEvent )" in (
+        described.stdout
+    )
+    described = _grpcurl(*tls, serving.target(), "describe", "mailbroker.v1.MailboxEvent")
+    assert ".mailbroker.v1.ResyncRequired resync_required = 15;" in described.stdout
     health = _grpcurl(*tls, serving.target(), "grpc.health.v1.Health/Check")
     assert health.returncode == 0
     assert json.loads(health.stdout) == {"status": "SERVING"}
@@ -110,6 +124,7 @@ def test_grpcurl_without_a_client_certificate_or_with_a_foreign_one_fails(servin
     anonymous = _grpcurl("-cacert", ca, serving.target(), "list")
     assert anonymous.returncode != 0
     assert "mailbroker.v1" not in anonymous.stdout
+    (tmp_path / "other").mkdir()
     foreign = make_test_pki(tmp_path / "other").foreign
     refused = _grpcurl("-cacert", ca, "-cert", str(foreign.cert), "-key", str(foreign.key), serving.target(), "list")
     assert refused.returncode != 0
@@ -120,8 +135,7 @@ def test_sigterm_stops_the_broker_cleanly_and_a_restart_reuses_pki_and_keys(tmp_
     data = tmp_path / "var"
     first = _serve(data)
     ca, keys = (data / "dev-pki" / "ca.pem").read_bytes(), (data / "keys.json").read_bytes()
-    first.process.send_signal(signal.SIGTERM)
-    assert first.process.wait(timeout=20) == 0
+    assert first.stop() == 0
     second = _serve(data)
     try:
         assert (data / "dev-pki" / "ca.pem").read_bytes() == ca
@@ -129,8 +143,7 @@ def test_sigterm_stops_the_broker_cleanly_and_a_restart_reuses_pki_and_keys(tmp_
         listed = subprocess.run(second.commands()[1], capture_output=True, text=True, timeout=30, check=True)
         assert json.loads(listed.stdout) == {}
     finally:
-        second.process.send_signal(signal.SIGTERM)
-        second.process.wait(timeout=20)
+        second.stop()
 
 
 def _fails_in_one_line(*args: str, env: dict[str, str] | None = None) -> str:
@@ -180,8 +193,7 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
 def test_a_store_without_its_key_refuses_to_start(tmp_path: Path) -> None:
     data = tmp_path / "var"
     first = _serve(data)
-    first.process.send_signal(signal.SIGTERM)
-    first.process.wait(timeout=20)
+    first.stop()
     (data / "keys.json").unlink()
     assert "key file" in _fails_in_one_line("serve", "--data-dir", str(data), "--listen", "127.0.0.1:0")
     assert not (data / "keys.json").exists()
