@@ -114,12 +114,13 @@ def _serve(args: argparse.Namespace) -> int:
 async def _run(config: Config) -> None:
     from server.app import start
 
-    broker = await start(config, environ=os.environ)
-    _print_banner(config, broker.port)
+    # Handlers first: a SIGTERM that arrives while starting up, or just after the banner, still shuts down cleanly.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    broker = await start(config, environ=os.environ)
+    _print_banner(config, broker.port)
     await stop.wait()
     await broker.stop()
 

@@ -8,6 +8,7 @@ chain and exception groups are followed the way the interpreter prints them, wit
 
 from __future__ import annotations
 
+import sys
 import traceback
 from types import TracebackType
 from typing import Final, TypeAlias
@@ -30,9 +31,20 @@ def type_name(exc_type: type[BaseException]) -> str:
     return name if module in ("builtins", "__main__") else f"{module}.{name}"
 
 
+def short_path(filename: str) -> str:
+    """A code file's path relative to the import root it was loaded from (``server/app.py``,
+    ``grpc/aio/_server.py``): shorter to read, and free of install directories whose random-looking names the
+    redactor would rightly mask."""
+    best = ""
+    for root in sys.path:
+        if root and filename.startswith(root.rstrip("/") + "/") and len(root) > len(best):
+            best = root.rstrip("/") + "/"
+    return filename[len(best) :] if best else filename
+
+
 def _frames(tb: TracebackType | None) -> list[str]:
     frames = [
-        f'  File "{frame.f_code.co_filename}", line {lineno}, in {frame.f_code.co_qualname}'
+        f'  File "{short_path(frame.f_code.co_filename)}", line {lineno}, in {frame.f_code.co_qualname}'
         for frame, lineno in traceback.walk_tb(tb)
     ]
     if len(frames) > _MAX_FRAMES:
