@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
 from sqlalchemy import Row, Select, delete, func, literal, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from server.crypto.aead import open_sealed, seal
@@ -203,6 +203,69 @@ class Store:
                 .where(account_secrets.c.account_id == account_id)
                 .values({column: sealed, "update_time": self._clock()})
             )
+
+    # Idempotency (SendMessage request_id, AIP-155)
+
+    def claim_request(self, account_id: str, request_digest: str, fingerprint: str) -> dict[str, Any] | None:
+        """Record a request as in flight, or return the record already there: ``{"fingerprint", "state",
+        "result"}`` with state ``pending`` or ``done``. None means the caller now owns the request."""
+        aad = secret_aad("idempotency_records", "result", account_id, SCHEMA_VERSION)
+        with self._writer.begin() as connection:
+            dek = self._data_key(connection, account_id)
+            row = connection.execute(
+                select(idempotency_records.c.result).where(
+                    idempotency_records.c.account_id == account_id,
+                    idempotency_records.c.request_digest == request_digest,
+                )
+            ).one_or_none()
+            if row is not None:
+                record: dict[str, Any] = json.loads(open_sealed(dek, row.result, aad))
+                return record
+            pending = {"fingerprint": fingerprint, "state": "pending", "result": None}
+            connection.execute(
+                idempotency_records.insert().values(
+                    account_id=account_id,
+                    request_digest=request_digest,
+                    result=seal(dek, json.dumps(pending).encode(), aad),
+                    create_time=self._clock(),
+                )
+            )
+        return None
+
+    def complete_request(
+        self, account_id: str, request_digest: str, fingerprint: str, result: Mapping[str, object]
+    ) -> None:
+        """Store the result of a request this caller claimed, so a retry gets it back instead of a second send."""
+        aad = secret_aad("idempotency_records", "result", account_id, SCHEMA_VERSION)
+        done = {"fingerprint": fingerprint, "state": "done", "result": dict(result)}
+        with self._writer.begin() as connection:
+            dek = self._data_key(connection, account_id)
+            connection.execute(
+                update(idempotency_records)
+                .where(
+                    idempotency_records.c.account_id == account_id,
+                    idempotency_records.c.request_digest == request_digest,
+                )
+                .values(result=seal(dek, json.dumps(done).encode(), aad))
+            )
+
+    def release_request(self, account_id: str, request_digest: str) -> None:
+        """Forget a claimed request that failed before anything was sent, so a retry may try again."""
+        with self._writer.begin() as connection:
+            connection.execute(
+                delete(idempotency_records).where(
+                    idempotency_records.c.account_id == account_id,
+                    idempotency_records.c.request_digest == request_digest,
+                )
+            )
+
+    def _data_key(self, connection: Connection, account_id: str) -> bytes:
+        row = connection.execute(
+            select(data_keys.c.kek_version, data_keys.c.wrapped).where(data_keys.c.account_id == account_id)
+        ).one_or_none()
+        if row is None:
+            raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")
+        return unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)
 
     # Audit
 

@@ -796,3 +796,25 @@ def test_audit_events_survive_account_deletion(store: Store) -> None:
     assert store.delete_account(account.id)
     assert [e.account_id for e in store.list_audit_events(None, account.id, page_size=10)] == [account.id]
     assert store.verify_audit_chain() is None
+
+
+def test_idempotency_claims_replays_and_releases(store: Store, db_path: Path) -> None:
+    account = make_account()
+    store.create_account(account, {})
+    message_id = canary("msgid")
+    assert store.claim_request(account.id, "d1", "f1") is None
+    assert store.claim_request(account.id, "d1", "f1") == {"fingerprint": "f1", "state": "pending", "result": None}
+    store.complete_request(account.id, "d1", "f1", {"internet_message_id": message_id})
+    replay = store.claim_request(account.id, "d1", "other")
+    assert replay is not None
+    assert replay["state"] == "done"
+    assert replay["fingerprint"] == "f1"
+    assert replay["result"] == {"internet_message_id": message_id}
+    # The stored result is sealed: its bytes are not on disk in the clear.
+    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert message_id.encode() not in raw, "idempotency result stored in the clear"
+    store.release_request(account.id, "d1")
+    assert store.claim_request(account.id, "d1", "f2") is None
+    # Erasure takes the records with the account.
+    store.delete_account(account.id)
+    assert count_rows(store._engine, idempotency_records, account.id) == 0
