@@ -23,7 +23,11 @@ from server.crypto.opaque import OpaqueTokens
 from server.domain.accounts import Accounts
 from server.domain.audit import AuditLog
 from server.domain.blocking import BlockingPool
+from server.domain.drivers import Drivers
 from server.domain.erasure import Erasure
+from server.domain.feeds import FeedHub
+from server.domain.imap_accounts import ImapAccounts
+from server.domain.mailbox import Mailboxes
 from server.domain.policy import Policy
 from server.errors import ConfigurationError
 from server.interceptors.access_log import AccessLogInterceptor
@@ -31,6 +35,7 @@ from server.interceptors.authentication import AuthenticationInterceptor
 from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.providers.imap.driver import ImapSettings
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.migrate import upgrade
 from server.store.repository import Store
@@ -104,6 +109,8 @@ class Broker:
     blocking: BlockingPool
     grace: float
     draining: asyncio.Event
+    drivers: Drivers
+    feeds: FeedHub
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, end open streams so clients resume elsewhere, then close."""
@@ -112,6 +119,8 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         self.draining.set()
         await self.server.stop(self.grace)
+        await self.feeds.close()
+        await self.drivers.close()
         self.blocking.shutdown()
         log.info("stopped", extra={"event": "shutdown"})
 
@@ -130,9 +139,21 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     tokens = OpaqueTokens(keyring)
     policy = Policy.from_config(config.effective_policy)
 
+    imap_settings = ImapSettings(
+        allow_plaintext=config.imap.allow_plaintext,
+        ca_file=str(config.imap.ca_file) if config.imap.ca_file else None,
+        pool_size=config.imap.pool_size,
+        timeout_seconds=config.imap.timeout_seconds,
+    )
     accounts = Accounts(store, blocking, tokens)
+    drivers = Drivers(store, blocking, imap_settings)
     audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
-    erasure = Erasure(store, accounts, blocking, scrub=lambda: checkpoint_and_vacuum(engine))
+    feeds = FeedHub()
+    erasure = Erasure(store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine))
+    mailboxes = Mailboxes(
+        accounts, drivers, tokens, store, blocking, feeds, message_id_domain=config.mail.message_id_domain
+    )
+    imap_accounts = ImapAccounts(store, blocking, imap_settings)
 
     draining = asyncio.Event()
     server = grpc.aio.server(
@@ -145,8 +166,10 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         ],
         options=server_options(config),
     )
-    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts, audit, erasure), server)  # type: ignore[no-untyped-call]
-    mail_service_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(accounts), server)  # type: ignore[no-untyped-call]
+    account_service_pb2_grpc.add_AccountServiceServicer_to_server(
+        AccountServicer(accounts, audit, erasure, imap_accounts), server
+    )  # type: ignore[no-untyped-call]
+    mail_service_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(accounts, mailboxes), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -164,4 +187,4 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"event": "startup", "port": port})
-    return Broker(server, port, health, blocking, config.server.shutdown_grace_seconds, draining)
+    return Broker(server, port, health, blocking, config.server.shutdown_grace_seconds, draining, drivers, feeds)

@@ -89,6 +89,28 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ImapConfig:
+    """Settings for every IMAP/SMTP account."""
+
+    # Plaintext IMAP/SMTP sends the password in the clear; only for servers on a trusted network.
+    allow_plaintext: bool = False
+    # A CA bundle that replaces the system trust store for IMAP and SMTP (an internal CA); empty → system.
+    ca_file: Path | None = None
+    # Connections kept per account for reads; more requests wait for one.
+    pool_size: int = 4
+    # Connect, login and per-command timeout, capped by the caller's deadline.
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    """Outgoing mail."""
+
+    # The right-hand side of the Message-IDs the broker makes for sent mail.
+    message_id_domain: str = "mailbroker.invalid"
+
+
+@dataclass(frozen=True)
 class PolicyRule:
     """Identities (exact, or a ``prefix/*`` pattern) allowed to call methods (``*``, ``pkg.Service/*``,
     ``pkg.Service/Method``)."""
@@ -115,6 +137,8 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    imap: ImapConfig = field(default_factory=ImapConfig)
+    mail: MailConfig = field(default_factory=MailConfig)
 
     @property
     def uses_dev_pki(self) -> bool:
@@ -260,6 +284,8 @@ def _validate(config: Config) -> None:
         raise ConfigurationError("config: tls.cert, tls.key and tls.client_ca go together (or none, for the dev PKI)")
     if config.logging.level.upper() not in LOG_LEVELS:
         raise ConfigurationError(f"config: logging.level must be one of {', '.join(LOG_LEVELS)}")
+    if config.imap.pool_size <= 0 or config.imap.timeout_seconds <= 0:
+        raise ConfigurationError("config: imap.pool_size and imap.timeout_seconds must be positive")
     for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams", "blocking_threads"):
         if getattr(config.server, name) <= 0:
             raise ConfigurationError(f"config: server.{name} must be positive")

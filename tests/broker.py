@@ -36,7 +36,7 @@ from tests.pki import PemPair, TestPki
 LIMITED_METHODS = ("mailbroker.v1.AccountService/GetAccount", "mailbroker.v1.AccountService/ListAccounts")
 
 
-def test_config(tmp_path: Path, pki: TestPki, **server: Any) -> Config:
+def broker_config(tmp_path: Path, pki: TestPki, **server: Any) -> Config:
     """A config for a broker on a free loopback port: alice and bob may call anything, carol only two methods,
     mallory is unknown to the policy."""
     keys = tmp_path / "keys.json"
@@ -116,8 +116,9 @@ def seed_account(
         profile=AccountProfile(
             email_address=email,
             username=email,
-            imap_server=MailServer("imap.example.test", 993, TransportSecurity.IMPLICIT_TLS),
-            smtp_server=MailServer("smtp.example.test", 465, TransportSecurity.IMPLICIT_TLS),
+            # Port 1 of loopback: nothing listens, so a driver fails at once without leaving the machine.
+            imap_server=MailServer("127.0.0.1", 1, TransportSecurity.IMPLICIT_TLS),
+            smtp_server=MailServer("127.0.0.1", 1, TransportSecurity.IMPLICIT_TLS),
         ),
         create_time=now,
         update_time=now,
@@ -148,5 +149,5 @@ __all__ = [
     "running_broker",
     "seed_account",
     "stubs",
-    "test_config",
+    "broker_config",
 ]

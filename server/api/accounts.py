@@ -12,6 +12,7 @@ from server.api import convert, names
 from server.domain.accounts import Accounts
 from server.domain.audit import AuditLog
 from server.domain.erasure import Erasure
+from server.domain.imap_accounts import ImapAccounts, ImapConnectRequest
 from server.errors import Unimplemented
 from server.interceptors.context import current_principal
 
@@ -23,8 +24,9 @@ def _provider_not_implemented(what: str) -> Unimplemented:
 
 
 class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
-    def __init__(self, accounts: Accounts, audit: AuditLog, erasure: Erasure) -> None:
+    def __init__(self, accounts: Accounts, audit: AuditLog, erasure: Erasure, imap: ImapAccounts) -> None:
         self._accounts = accounts
+        self._imap = imap
         self._audit = audit
         self._erasure = erasure
 
@@ -37,7 +39,20 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
     async def ConnectImapAccount(
         self, request: pb.ConnectImapAccountRequest, context: Context
     ) -> resources_pb2.Account:
-        raise _provider_not_implemented("IMAP")
+        connect = ImapConnectRequest(
+            imap_server=convert.mail_server_from_proto(
+                request.imap_server, "imap_server", request.HasField("imap_server")
+            ),
+            smtp_server=convert.mail_server_from_proto(
+                request.smtp_server, "smtp_server", request.HasField("smtp_server")
+            ),
+            username=request.username,
+            password=request.password,
+            capabilities=convert.capabilities_from_proto(request.capabilities),
+            email_address=request.email_address,
+        )
+        account = await self._imap.connect(current_principal.get(), connect, context.time_remaining())
+        return convert.account_to_proto(account)
 
     async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> resources_pb2.Account:
         account = await self._accounts.get(current_principal.get(), names.parse_account(request.name))

@@ -1,8 +1,4 @@
-"""MailService servicer: resolves the account and its capability, then hands over to the provider driver.
-
-No provider driver has landed yet, so every method checks the name, the tenant and the capability and then
-answers UNIMPLEMENTED (reason PROVIDER_NOT_IMPLEMENTED).
-"""
+"""MailService servicer: converts requests to domain calls and results back; nothing else."""
 
 from __future__ import annotations
 
@@ -13,58 +9,85 @@ import grpc
 from mailbroker.v1 import mail_service_pb2 as pb
 from mailbroker.v1 import mail_service_pb2_grpc, resources_pb2
 
-from server.api import names
+from server.api import convert, names
 from server.domain.accounts import Accounts
-from server.domain.models import Capability
-from server.errors import Unimplemented
+from server.domain.mailbox import Mailboxes
 from server.interceptors.context import current_principal
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _no_driver() -> Unimplemented:
-    return Unimplemented("no mail provider driver is available in this version", reason="PROVIDER_NOT_IMPLEMENTED")
-
-
 class MailServicer(mail_service_pb2_grpc.MailServiceServicer):
-    def __init__(self, accounts: Accounts) -> None:
+    def __init__(self, accounts: Accounts, mailboxes: Mailboxes) -> None:
         self._accounts = accounts
-
-    async def _require(self, account_id: str, capability: Capability) -> None:
-        await self._accounts.require(current_principal.get(), account_id, capability)
+        self._mailboxes = mailboxes
 
     async def ListFolders(self, request: pb.ListFoldersRequest, context: Context) -> pb.ListFoldersResponse:
-        await self._require(names.parse_account(request.parent, "parent"), Capability.METADATA)
-        raise _no_driver()
+        account_id = names.parse_account(request.parent, "parent")
+        folders, next_token = await self._mailboxes.list_folders(
+            current_principal.get(), account_id, request.page_size, request.page_token
+        )
+        return pb.ListFoldersResponse(
+            folders=[convert.folder_to_proto(account_id, f) for f in folders], next_page_token=next_token
+        )
 
     async def ListMessages(self, request: pb.ListMessagesRequest, context: Context) -> pb.ListMessagesResponse:
         account_id = names.parse_account(request.parent, "parent")
+        folder_id = None
         if request.folder:
-            folder_account, _ = names.parse_child(request.folder, "folders", "folder")
+            folder_account, folder_id = names.parse_child(request.folder, "folders", "folder")
             if folder_account != account_id:
                 raise names.mismatched("folder", "parent")
-        await self._require(account_id, Capability.READ if request.query else Capability.METADATA)
-        raise _no_driver()
+        messages, next_token = await self._mailboxes.list_messages(
+            current_principal.get(), account_id, folder_id, request.query, request.page_size, request.page_token
+        )
+        return pb.ListMessagesResponse(
+            messages=[convert.message_to_proto(account_id, m) for m in messages], next_page_token=next_token
+        )
 
     async def GetMessage(self, request: pb.GetMessageRequest, context: Context) -> resources_pb2.Message:
-        account_id, _ = names.parse_child(request.name, "messages")
-        full = request.view == resources_pb2.MESSAGE_VIEW_FULL
-        await self._require(account_id, Capability.READ if full else Capability.METADATA)
-        raise _no_driver()
+        account_id, message_id = names.parse_child(request.name, "messages")
+        message = await self._mailboxes.get_message(
+            current_principal.get(), account_id, message_id, convert.view_from_proto(request.view)
+        )
+        return convert.message_to_proto(account_id, message)
 
     async def GetAttachment(
         self, request: pb.GetAttachmentRequest, context: Context
     ) -> AsyncIterator[pb.AttachmentChunk]:
-        account_id, _, _ = names.parse_attachment(request.name)
-        await self._require(account_id, Capability.READ)
-        raise _no_driver()
-        yield  # pragma: no cover - makes this an async generator, the shape every streaming method has
+        account_id, message_id, attachment_id = names.parse_attachment(request.name)
+        message_resource = convert.message_name(account_id, message_id)
+        async for chunk in self._mailboxes.get_attachment(
+            current_principal.get(), account_id, message_id, attachment_id
+        ):
+            yield pb.AttachmentChunk(
+                attachment=convert.attachment_to_proto(message_resource, chunk.info) if chunk.info else None,
+                offset=chunk.offset,
+                data=chunk.data,
+            )
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
-        await self._require(names.parse_account(request.account, "account"), Capability.SEND)
-        raise _no_driver()
+        account_id = names.parse_account(request.account, "account")
+        result, replayed = await self._mailboxes.send_message(
+            current_principal.get(), account_id, convert.outgoing_from_proto(request.message), request.request_id
+        )
+        return pb.SendMessageResponse(
+            message=convert.message_name(account_id, result.message_id) if result.message_id else "",
+            internet_message_id=result.internet_message_id,
+            send_time=convert.timestamp(result.send_time),
+            replayed=replayed,
+        )
 
     async def WatchMailbox(self, request: pb.WatchMailboxRequest, context: Context) -> AsyncIterator[pb.MailboxEvent]:
-        await self._require(names.parse_account(request.account, "account"), Capability.METADATA)
-        raise _no_driver()
-        yield  # pragma: no cover - makes this an async generator, the shape every streaming method has
+        account_id = names.parse_account(request.account, "account")
+        folder_ids = []
+        for index, folder in enumerate(request.folders):
+            folder_account, folder_id = names.parse_child(folder, "folders", f"folders[{index}]")
+            if folder_account != account_id:
+                raise names.mismatched(f"folders[{index}]", "account")
+            folder_ids.append(folder_id)
+        heartbeat = convert.heartbeat_seconds(request)
+        async for event, token in self._mailboxes.watch(
+            current_principal.get(), account_id, folder_ids, request.resume_token, heartbeat
+        ):
+            yield convert.event_to_proto(account_id, event, token)

@@ -14,8 +14,11 @@ from typing import Any
 
 from server.domain.accounts import Accounts
 from server.domain.blocking import BlockingPool
+from server.domain.drivers import Drivers
+from server.domain.feeds import FeedHub
 from server.domain.models import Provider
 from server.domain.principal import Principal
+from server.errors import NotFound
 from server.store.repository import Store
 
 
@@ -39,7 +42,17 @@ def _step(kind: str, outcome: str, reason: str = "", detail: str = "") -> dict[s
 class Erasure:
     """Runs the erasure steps in order for one account of the caller's tenant."""
 
-    def __init__(self, store: Store, accounts: Accounts, blocking: BlockingPool, scrub: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        accounts: Accounts,
+        blocking: BlockingPool,
+        drivers: Drivers,
+        feeds: FeedHub,
+        scrub: Callable[[], bool],
+    ) -> None:
+        self._drivers = drivers
+        self._feeds = feeds
         self._store = store
         self._accounts = accounts
         self._blocking = blocking
@@ -48,7 +61,12 @@ class Erasure:
     async def erase(self, principal: Principal, account_id: str) -> ErasureReceipt:
         account = await self._accounts.get(principal, account_id)
         started = _now()
-        steps = [self._revoke(account.provider), _step("STOP_WATCHES", "DONE", detail="no feed was open")]
+        steps = [self._revoke(account.provider)]
+        stopped = await self._feeds.close_account(
+            account_id, NotFound("the account was erased", reason="ACCOUNT_ERASED")
+        )
+        await self._drivers.evict(account_id)
+        steps.append(_step("STOP_WATCHES", "DONE", detail=f"{stopped} feed watcher(s) stopped, connections closed"))
 
         existed = await self._blocking.run(self._store.delete_account, account_id)
         steps.append(_step("PURGE_ROWS", "DONE" if existed else "FAILED", "" if existed else "ACCOUNT_VANISHED"))

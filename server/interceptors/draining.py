@@ -36,22 +36,33 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             responses = inner(request, context)
             stop = asyncio.ensure_future(draining.wait())
+            following: asyncio.Future[Any] | None = None
             try:
                 while True:
                     following = asyncio.ensure_future(anext(responses))
                     await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
                     if not following.done():
-                        following.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                            await following
+                        await _cancel(following)
+                        following = None
                         await abort_with(context, ShuttingDown())
                     try:
                         response = following.result()
                     except StopAsyncIteration:
                         return
+                    following = None
                     yield response
             finally:
                 stop.cancel()
+                # The generator may still be running in ``following`` (the client went away mid-wait): stop it
+                # there before closing it, or aclose() finds it running.
+                if following is not None:
+                    await _cancel(following)
                 await responses.aclose()
 
         return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+
+
+async def _cancel(future: asyncio.Future[Any]) -> None:
+    future.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+        await future

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import RunningBroker, running_broker, test_config
+from tests.broker import RunningBroker, running_broker, broker_config
 from tests.pki import TestPki, make_test_pki
 
 
@@ -16,5 +16,5 @@ def pki(tmp_path: Path) -> TestPki:
 
 @pytest.fixture
 async def broker(tmp_path: Path, pki: TestPki) -> AsyncIterator[RunningBroker]:
-    async with running_broker(test_config(tmp_path, pki), pki) as running:
+    async with running_broker(broker_config(tmp_path, pki), pki) as running:
         yield running

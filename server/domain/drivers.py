@@ -1,0 +1,62 @@
+"""One live driver per account, made on first use from the account's sealed credentials and kept for reuse
+(its connection pool with it). Drivers are looked up by provider in a registry and imported lazily."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from server.domain.blocking import BlockingPool
+from server.domain.models import Account, Provider
+from server.errors import FailedPrecondition, Unimplemented
+from server.providers.imap.driver import ImapDriver, ImapSettings
+from server.store.repository import Store
+
+
+class Drivers:
+    """The driver cache. A driver is replaced when the account changed (new credentials, capabilities)."""
+
+    def __init__(self, store: Store, blocking: BlockingPool, imap: ImapSettings) -> None:
+        self._store = store
+        self._blocking = blocking
+        self._imap = imap
+        self._drivers: dict[str, tuple[Any, ImapDriver]] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, account: Account) -> ImapDriver:
+        if account.provider is not Provider.IMAP:
+            raise Unimplemented(
+                "this provider's driver is not available in this version", reason="PROVIDER_NOT_IMPLEMENTED"
+            )
+        async with self._lock:
+            cached = self._drivers.get(account.id)
+            if cached is not None and cached[0] == account.update_time:
+                return cached[1]
+            password = await self._blocking.run(self._store.read_secret, account.id, "imap_password")
+            if password is None:
+                raise FailedPrecondition("the account has no stored credential", reason="ACCOUNT_NEEDS_REAUTH")
+            from server.providers.imap.connection import Credentials
+
+            driver = ImapDriver(
+                account.profile,
+                Credentials(account.profile.username, password.decode("utf-8")),
+                self._blocking,
+                self._imap,
+            )
+            self._drivers[account.id] = (account.update_time, driver)
+        if cached is not None:
+            await cached[1].close()
+        return driver
+
+    async def evict(self, account_id: str) -> None:
+        """Close and forget an account's driver (erasure, re-authentication)."""
+        async with self._lock:
+            cached = self._drivers.pop(account_id, None)
+        if cached is not None:
+            await cached[1].close()
+
+    async def close(self) -> None:
+        async with self._lock:
+            drivers, self._drivers = self._drivers, {}
+        for _, driver in drivers.values():
+            await driver.close()

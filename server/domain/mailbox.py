@@ -1,0 +1,259 @@
+"""Reading and sending mail for a caller: tenant and capability checks, opaque page tokens, idempotent sends.
+Provider specifics stay in the drivers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+from server.crypto.opaque import OpaqueTokens
+from server.domain import paging
+from server.domain.accounts import Accounts
+from server.domain.blocking import BlockingPool
+from server.domain.drivers import Drivers
+from server.domain.feeds import FeedEnded, FeedHub
+from server.domain.mail import (
+    AttachmentChunk,
+    EmailAddress,
+    FeedEvent,
+    Folder,
+    Heartbeat,
+    Message,
+    MessageView,
+    OutgoingMessage,
+    SendResult,
+)
+from server.domain.models import Capability
+from server.domain.principal import Principal
+from server.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from server.providers import mime
+from server.store.repository import Store
+
+FOLDERS = paging.PageLimits(default=100, maximum=1000)
+MESSAGES = paging.PageLimits(default=50, maximum=500)
+MAX_QUERY_CHARS = 512
+MAX_REQUEST_ID_CHARS = 64
+MAX_WATCHED_FOLDERS = 20
+
+
+def _check_query(query: str) -> None:
+    problem = ""
+    if len(query) > MAX_QUERY_CHARS:
+        problem = f"at most {MAX_QUERY_CHARS} characters"
+    elif any(c in query for c in "\r\n\0"):
+        problem = "no CR, LF or NUL"
+    if problem:
+        raise InvalidArgument(
+            f"query must have {problem}", reason="INVALID_QUERY", field_violations=[FieldViolation("query", problem)]
+        )
+
+
+def _fingerprint(message: OutgoingMessage) -> str:
+    """A digest of everything that makes the message what it is, to tell a retry from a different request."""
+    payload = asdict(message)
+    for attachment in payload["attachments"]:
+        attachment["content"] = hashlib.sha256(attachment["content"]).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Mailboxes:
+    """The MailService's domain: every call resolves the caller's account and the capability it needs first."""
+
+    def __init__(
+        self,
+        accounts: Accounts,
+        drivers: Drivers,
+        tokens: OpaqueTokens,
+        store: Store,
+        blocking: BlockingPool,
+        feeds: FeedHub,
+        *,
+        message_id_domain: str,
+    ) -> None:
+        self._feeds = feeds
+        self._resume_tokens = tokens
+        self._accounts = accounts
+        self._drivers = drivers
+        self._folder_pages = paging.PageTokens(tokens, "folders")
+        self._message_pages = paging.PageTokens(tokens, "messages")
+        self._store = store
+        self._blocking = blocking
+        self._message_id_domain = message_id_domain
+
+    async def list_folders(
+        self, principal: Principal, account_id: str, page_size: int, page_token: str
+    ) -> tuple[list[Folder], str]:
+        account = await self._accounts.require(principal, account_id, Capability.METADATA)
+        size = paging.page_size(page_size, FOLDERS)
+        binding = [principal.tenant, account_id]
+        position = self._folder_pages.position(binding, page_token)
+        start = int(position["offset"]) if position else 0
+        folders = await (await self._drivers.get(account)).list_folders()
+        page = folders[start : start + size]
+        more = start + size < len(folders)
+        return page, self._folder_pages.issue(binding, {"offset": start + size}) if more else ""
+
+    async def list_messages(
+        self,
+        principal: Principal,
+        account_id: str,
+        folder_id: str | None,
+        query: str,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Message], str]:
+        if query:
+            _check_query(query)
+        account = await self._accounts.require(principal, account_id, Capability.READ if query else Capability.METADATA)
+        size = paging.page_size(page_size, MESSAGES)
+        binding = [principal.tenant, account_id, folder_id or "", query]
+        cursor = self._message_pages.position(binding, page_token)
+        driver = await self._drivers.get(account)
+        page = await driver.list_messages(folder_id, query or None, size, cursor)
+        next_token = self._message_pages.issue(binding, page.cursor) if page.cursor else ""
+        return page.messages, next_token
+
+    async def get_message(self, principal: Principal, account_id: str, message_id: str, view: MessageView) -> Message:
+        capability = Capability.READ if view is MessageView.FULL else Capability.METADATA
+        account = await self._accounts.require(principal, account_id, capability)
+        return await (await self._drivers.get(account)).get_message(message_id, view)
+
+    async def get_attachment(
+        self, principal: Principal, account_id: str, message_id: str, attachment_id: str
+    ) -> AsyncIterator[AttachmentChunk]:
+        account = await self._accounts.require(principal, account_id, Capability.READ)
+        driver = await self._drivers.get(account)
+        async for chunk in driver.stream_attachment(message_id, attachment_id):
+            yield chunk
+
+    async def send_message(
+        self, principal: Principal, account_id: str, message: OutgoingMessage, request_id: str
+    ) -> tuple[SendResult, bool]:
+        """Send once per ``request_id``; returns the result and whether it is the replay of an earlier send."""
+        account = await self._accounts.require(principal, account_id, Capability.SEND)
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(
+                "request_id is too long",
+                reason="INVALID_REQUEST_ID",
+                field_violations=[FieldViolation("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")],
+            )
+        sender = EmailAddress(account.profile.email_address, message.sender_display_name)
+        built = mime.build_message(message, sender, message_id_domain=self._message_id_domain)
+        driver = await self._drivers.get(account)
+        if not request_id:
+            return await driver.send_message(built, sender.address), False
+
+        digest = hashlib.sha256(f"{principal.tenant}\0{account_id}\0{request_id}".encode()).hexdigest()
+        fingerprint = _fingerprint(message)
+        record = await self._blocking.run(self._store.claim_request, account_id, digest, fingerprint)
+        if record is not None:
+            if record["fingerprint"] != fingerprint:
+                raise InvalidArgument(
+                    "request_id was already used for a different message",
+                    reason="REQUEST_ID_REUSED",
+                    field_violations=[FieldViolation("request_id", "already used for a different message")],
+                )
+            if record["state"] != "done":
+                raise FailedPrecondition(
+                    "a send with this request_id is in progress or its outcome is unknown",
+                    reason="REQUEST_IN_PROGRESS",
+                )
+            stored = record["result"]
+            return (
+                SendResult(
+                    internet_message_id=stored["internet_message_id"],
+                    send_time=datetime.fromisoformat(stored["send_time"]),
+                    message_id=stored["message_id"],
+                ),
+                True,
+            )
+        try:
+            result = await driver.send_message(built, sender.address)
+        except BaseException:
+            # Nothing was accepted for delivery: let a retry with the same request_id try again.
+            await self._blocking.run(self._store.release_request, account_id, digest)
+            raise
+        await self._blocking.run(
+            self._store.complete_request,
+            account_id,
+            digest,
+            fingerprint,
+            {
+                "internet_message_id": result.internet_message_id,
+                "send_time": result.send_time.isoformat(),
+                "message_id": result.message_id,
+            },
+        )
+        return result, False
+
+    async def watch(
+        self,
+        principal: Principal,
+        account_id: str,
+        folder_ids: list[str],
+        resume_token: str,
+        heartbeat_seconds: float,
+    ) -> AsyncIterator[tuple[FeedEvent, str]]:
+        """Events with the resume token after each; heartbeats when nothing happens. Ends with the error that
+        ended the feed (erasure, a lost credential, a consumer too slow)."""
+        account = await self._accounts.require(principal, account_id, Capability.METADATA)
+        driver = await self._drivers.get(account)
+        folders = sorted(set(folder_ids)) or [driver.inbox_id]
+        if len(folders) > MAX_WATCHED_FOLDERS:
+            raise InvalidArgument(
+                f"at most {MAX_WATCHED_FOLDERS} folders per feed",
+                reason="TOO_MANY_FOLDERS",
+                field_violations=[FieldViolation("folders", f"at most {MAX_WATCHED_FOLDERS}")],
+            )
+        binding = [principal.tenant, account_id, *folders]
+        positions: dict[str, object] = {}
+        if resume_token:
+            opened = self._resume_tokens.open("resume", binding, resume_token)
+            if opened is None:
+                raise InvalidArgument(
+                    "resume_token is not valid for this feed",
+                    reason="INVALID_RESUME_TOKEN",
+                    field_violations=[FieldViolation("resume_token", "not a token of this account's feed")],
+                )
+            positions = opened
+        subscribers = {
+            folder: self._feeds.subscribe(
+                account_id,
+                folder,
+                lambda folder=folder: driver.folder_watcher(folder),  # type: ignore[misc]
+                positions.get(folder),  # type: ignore[arg-type]
+            )
+            for folder in folders
+        }
+        getters: dict[asyncio.Task[FeedEvent | FeedEnded], str] = {}
+        try:
+            for folder, subscriber in subscribers.items():
+                start = await subscriber.start
+                positions.setdefault(folder, start)
+            for folder, subscriber in subscribers.items():
+                getters[asyncio.ensure_future(subscriber.queue.get())] = folder
+            while True:
+                done, _ = await asyncio.wait(getters, timeout=heartbeat_seconds, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    yield (
+                        FeedEvent(Heartbeat(), {}, datetime.now(UTC)),
+                        self._resume_tokens.seal("resume", binding, positions),
+                    )
+                    continue
+                for task in sorted(done, key=lambda t: getters[t]):
+                    folder = getters.pop(task)
+                    item = task.result()
+                    if isinstance(item, FeedEnded):
+                        raise item.error
+                    positions[folder] = item.cursor
+                    getters[asyncio.ensure_future(subscribers[folder].queue.get())] = folder
+                    yield item, self._resume_tokens.seal("resume", binding, positions)
+        finally:
+            for task in getters:
+                task.cancel()
+            for folder, subscriber in subscribers.items():
+                self._feeds.unsubscribe(account_id, folder, subscriber)

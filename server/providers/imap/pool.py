@@ -1,0 +1,145 @@
+"""A bounded pool of logged-in IMAP connections for one account: reused, health-checked, reconnecting with
+exponential backoff and jitter. Each connection is used by one operation at a time, in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from imapclient import IMAPClient
+
+from server.domain.blocking import BlockingPool
+from server.errors import ProviderUnavailable
+from server.providers.imap.connection import close_imap, provider_errors
+
+log = logging.getLogger("mailbroker.imap.pool")
+
+T = TypeVar("T")
+
+
+@dataclass
+class ImapSession:
+    """A pooled connection and what it has selected, so consecutive reads of one folder skip the SELECT."""
+
+    client: IMAPClient
+    last_used: float = field(default_factory=time.monotonic)
+    selected: tuple[str, bool] | None = None  # (folder, readonly)
+    uidvalidity: int = 0
+    exists: int = 0
+
+
+class ImapPool:
+    """At most ``size`` connections; callers beyond that wait for one to come back."""
+
+    def __init__(
+        self,
+        connect: Callable[[], IMAPClient],
+        blocking: BlockingPool,
+        *,
+        size: int = 4,
+        check_after: float = 30.0,
+        attempts: int = 3,
+        backoff: float = 0.2,
+        backoff_cap: float = 2.0,
+    ) -> None:
+        self._connect = connect
+        self._blocking = blocking
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[ImapSession] = []
+        self._check_after = check_after
+        self._attempts = attempts
+        self._backoff = backoff
+        self._backoff_cap = backoff_cap
+        self._closed = False
+        self.opened = 0  # connections opened over the pool's life (for tests and metrics)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def _open(self) -> ImapSession:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                client = await self._blocking.run(self._connect)
+            except ProviderUnavailable:
+                # Only transient failures are retried; bad credentials or TLS trust fail at once.
+                if attempt == self._attempts:
+                    raise
+                delay = min(self._backoff_cap, self._backoff * 2 ** (attempt - 1))
+                log.info("imap connect retry", extra={"attempt": attempt, "component": "imap"})
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
+                continue
+            self.opened += 1
+            return ImapSession(client)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _healthy(self, session: ImapSession) -> bool:
+        if time.monotonic() - session.last_used < self._check_after:
+            return True
+        try:
+            await self._blocking.run(_noop, session.client)
+        except ProviderUnavailable:
+            return False
+        return True
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[ImapSession]:
+        """A live connection for the duration of the block; discarded if the block loses the connection."""
+        if self._closed:
+            raise ProviderUnavailable("the account's connections are closed", reason="ACCOUNT_CLOSED")
+        async with self._slots:
+            session = None
+            while self._idle and session is None:
+                candidate = self._idle.pop()
+                if await self._healthy(candidate):
+                    session = candidate
+                else:
+                    await self._discard(candidate)
+            if session is None:
+                session = await self._open()
+            broken = True
+            try:
+                yield session
+                broken = False
+            except ProviderUnavailable:
+                raise
+            except BaseException:
+                # A failure that is not about the connection (bad input, not found) leaves it usable.
+                broken = False
+                raise
+            finally:
+                session.last_used = time.monotonic()
+                if broken or self._closed:
+                    await self._discard(session)
+                else:
+                    self._idle.append(session)
+
+    async def run(self, fn: Callable[[ImapSession], T]) -> T:
+        """Run ``fn(session)`` in a worker thread on a pooled connection, mapping provider errors."""
+        async with self.session() as session:
+            return await self._blocking.run(_guarded, fn, session)
+
+    async def _discard(self, session: ImapSession) -> None:
+        await self._blocking.run(close_imap, session.client)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for session in idle:
+            await self._discard(session)
+
+
+def _noop(client: IMAPClient) -> None:
+    with provider_errors():
+        client.noop()
+
+
+def _guarded(fn: Callable[[ImapSession], T], session: ImapSession) -> T:
+    with provider_errors():
+        return fn(session)
