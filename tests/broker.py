@@ -143,11 +143,11 @@ def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
 
 __all__ = [
     "RunningBroker",
+    "broker_config",
     "error_reason",
     "replace",
     "rich_status",
     "running_broker",
     "seed_account",
     "stubs",
-    "broker_config",
 ]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import RunningBroker, running_broker, broker_config
+from tests.broker import RunningBroker, broker_config, running_broker
 from tests.pki import TestPki, make_test_pki
 
 

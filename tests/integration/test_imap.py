@@ -18,7 +18,7 @@ from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
 from server.config import ImapConfig
-from tests.broker import RunningBroker, error_reason, running_broker, stubs, broker_config
+from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
 from tests.mailserver import Mailbox, MailServers
 from tests.mailserver.fixtures import mail_servers, mailbox  # noqa: F401 - fixtures
 from tests.pki import TestPki
