@@ -9,6 +9,7 @@ from typing import Any
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, Provider
 from server.errors import FailedPrecondition, Unimplemented
+from server.providers.base import MailDriver
 from server.providers.imap.driver import ImapDriver, ImapSettings
 from server.store.repository import Store
 
@@ -20,10 +21,10 @@ class Drivers:
         self._store = store
         self._blocking = blocking
         self._imap = imap
-        self._drivers: dict[str, tuple[Any, ImapDriver]] = {}
+        self._drivers: dict[str, tuple[Any, MailDriver]] = {}
         self._lock = asyncio.Lock()
 
-    async def get(self, account: Account) -> ImapDriver:
+    async def get(self, account: Account) -> MailDriver:
         if account.provider is not Provider.IMAP:
             raise Unimplemented(
                 "this provider's driver is not available in this version", reason="PROVIDER_NOT_IMPLEMENTED"
@@ -37,7 +38,8 @@ class Drivers:
                 raise FailedPrecondition("the account has no stored credential", reason="ACCOUNT_NEEDS_REAUTH")
             from server.providers.imap.connection import Credentials
 
-            driver = ImapDriver(
+            # Typed as the Protocol, so mypy proves the driver implements it.
+            driver: MailDriver = ImapDriver(
                 account.profile,
                 Credentials(account.profile.username, password.decode("utf-8")),
                 self._blocking,

@@ -8,19 +8,13 @@ broker's exception tree (server.errors) with the original kept as ``__cause__``,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.domain.mail import (
-    AttachmentChunk,
-    FeedEvent,
-    Folder,
-    Message,
-    MessagePage,
-    MessageView,
-    SendResult,
-)
+from server.domain.feeds import Upstream
+from server.domain.mail import AttachmentChunk, Folder, Message, MessagePage, MessageView, SendResult
+from server.providers.mime import BuiltMessage
 
 ATTACHMENT_CHUNK_BYTES = 64 * 1024
 
@@ -40,6 +34,7 @@ class MailDriver(Protocol):
     """A connected mailbox."""
 
     capabilities: DriverCapabilities
+    inbox_id: str  # the folder a feed watches when the caller names none
 
     async def list_folders(self) -> list[Folder]: ...
 
@@ -57,13 +52,12 @@ class MailDriver(Protocol):
         """Decoded bytes in order, at most ATTACHMENT_CHUNK_BYTES at a time, memory bounded by one chunk."""
         ...
 
-    async def send_message(self, raw: bytes, envelope_from: str, envelope_to: Sequence[str]) -> SendResult:
-        """Submit an already built RFC 5322 message (see server.providers.mime.build_message)."""
+    async def send_message(self, built: BuiltMessage, envelope_from: str) -> SendResult:
+        """Submit a message built by server.providers.mime.build_message (Bcc only in the envelope)."""
         ...
 
-    def watch(self, cursor: dict[str, object] | None, folder_ids: Sequence[str]) -> AsyncIterator[FeedEvent]:
-        """Changes after ``cursor`` (from now when None), forever; a cursor the provider no longer knows yields a
-        ResyncRequired event first."""
+    def folder_watcher(self, folder_id: str) -> Upstream:
+        """The upstream the feed hub shares between every subscriber of this folder (server.domain.feeds)."""
         ...
 
     async def close(self) -> None: ...

@@ -104,7 +104,11 @@ namespace inbox {{
 {special_use_mailboxes}
 }}
 
+# Tests may hold many connections at once (feeds, pools): one login process serves them all ("high-performance"
+# mode; the default starts a process per connection, 100 at most), and a user may have many sessions from one IP.
 service imap-login {{
+  service_count = 0
+  process_min_avail = 1
   inet_listener imap {{
     address = {host}, {insecure_host}
     port = {starttls_port}
@@ -122,7 +126,10 @@ service lmtp {{
   }}
 }}
 service imap {{
-  process_limit = 256
+  process_limit = 1024
+}}
+protocol imap {{
+  mail_max_userip_connections = 1000
 }}
 # No auth penalty (the documented way to turn it off): after a failed login from an IP, Dovecot would otherwise
 # delay that IP's next logins by 2, 4, 8 then 15 s, and tests of wrong passwords all come from 127.0.0.1.
@@ -170,7 +177,7 @@ class Dovecot:
         allow_plaintext_auth: bool = False,
         directory: Path | None = None,
     ) -> None:
-        """Start Dovecot; return once all three ports accept connections (raises DovecotError otherwise)."""
+        """Start Dovecot; return once all three ports answer (raises DovecotError if they do not within 10 s)."""
         executable = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
         if executable is None:
             raise DovecotError("dovecot is not installed: run scripts/install-system-deps as root")
@@ -182,9 +189,8 @@ class Dovecot:
         self.directory = (
             Path(tempfile.mkdtemp(prefix="mailbroker-dovecot-", dir=_fast_tmp())) if directory is None else directory
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.directory.chmod(0o711)
-        self.tls = tls if tls is not None else ServerTls.create(self.directory / "tls")
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[..., Dovecot] | None = None
         self.mail_dir = self.directory / "mail"
         self.run_dir = self.directory / "run"
         self.state_dir = self.directory / "state"
@@ -197,19 +203,20 @@ class Dovecot:
         self._written_users: dict[str, tuple[str, int]] = {}
         """Address -> (password, mtime) of each passwd-file written."""
         self._users_lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize[..., Dovecot] | None = None
         self.imap_port = self.starttls_port = self.lmtp_port = 0
         self.start_seconds = 0.0
         """How long the last start took, from spawning Dovecot to all ports answering."""
 
-        for path in (self.mail_dir, self.state_dir):
-            path.mkdir(mode=0o750, exist_ok=True)
-        os.chown(self.mail_dir, self._mail_uid, self._mail_gid)
-        self.users_dir.mkdir(mode=0o750)
-        os.chown(self.users_dir, 0, self._mail_gid)
-        self.users.subscribe(self._write_users)
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.chmod(0o711)
+            self.tls = tls if tls is not None else ServerTls.create(self.directory / "tls")
+            for path in (self.mail_dir, self.state_dir):
+                path.mkdir(mode=0o750, exist_ok=True)
+            os.chown(self.mail_dir, self._mail_uid, self._mail_gid)
+            self.users_dir.mkdir(mode=0o750)
+            os.chown(self.users_dir, 0, self._mail_gid)
+            self.users.subscribe(self._write_users)
             self._start(executable)
         except BaseException:
             self.stop()
@@ -234,7 +241,8 @@ class Dovecot:
                     start_new_session=True,
                 )
             self._process = process
-            self._finalizer = weakref.finalize(self, _terminate, process)
+            owned = self.directory if self._owns_directory else None
+            self._finalizer = weakref.finalize(self, _cleanup, process, owned)
             if self._wait_until_ready(process, started + START_TIMEOUT):
                 self.start_seconds = time.monotonic() - started
                 return
@@ -383,7 +391,7 @@ class Dovecot:
         """Write ``count`` messages made by ``factory(i)`` straight into a user's Maildir folder.
 
         Much faster than APPEND for large folders; Dovecot indexes the files when a client next opens the folder.
-        ``folder`` is "INBOX" or a top-level folder name (created if missing).
+        ``folder`` is "INBOX" or a folder name as IMAP shows it (hierarchy separator "."); it is created if missing.
         """
         if address not in self.users:
             raise DovecotError("bulk_fill: no such user")
@@ -476,6 +484,13 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _cleanup(process: subprocess.Popen[bytes], directory: Path | None) -> None:
+    """Stop a Dovecot that nobody stopped (its object was collected, or the interpreter is exiting)."""
+    _terminate(process)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:

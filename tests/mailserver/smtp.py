@@ -340,5 +340,5 @@ class _SubmissionSMTP(SMTP):
         and the socket would be left open.
         """
         for transport in (self.transport, self._original_transport):
-            if transport is not None:
+            if isinstance(transport, asyncio.Transport):
                 transport.abort()
