@@ -151,7 +151,14 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     feeds = FeedHub()
     erasure = Erasure(store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine))
     mailboxes = Mailboxes(
-        accounts, drivers, tokens, store, blocking, feeds, message_id_domain=config.mail.message_id_domain
+        accounts,
+        drivers,
+        tokens,
+        store,
+        blocking,
+        feeds,
+        message_id_domain=config.mail.message_id_domain,
+        folder_poll_seconds=config.mail.folder_poll_seconds,
     )
     imap_accounts = ImapAccounts(store, blocking, imap_settings)
 

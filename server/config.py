@@ -108,6 +108,8 @@ class MailConfig:
 
     # The right-hand side of the Message-IDs the broker makes for sent mail.
     message_id_domain: str = "mailbroker.invalid"
+    # How often a watched account's folder list is compared for created and deleted folders.
+    folder_poll_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
-from server.domain.mail import FeedEvent
+from server.domain.mail import FeedEvent, Folder, FolderAdded, FolderDeleted, ResyncReason, ResyncRequired
 from server.errors import BrokerError, ResourceExhausted
 
 log = logging.getLogger("mailbroker.feeds")
@@ -157,3 +159,72 @@ class FeedHub:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):  # shutting down: nothing left to tell
                 await task
+
+
+class FolderListWatcher:
+    """Folder created/deleted events for one account, by polling its folder list (providers push no such events
+    that all of them share). Cursor: ``{"d": digest of the folder ids}``; a subscriber resuming with another
+    digest gets ResyncRequired (list the folders again), since the old list is not kept."""
+
+    def __init__(self, list_folders: Callable[[], Awaitable[list[Folder]]], interval: float) -> None:
+        self._list_folders = list_folders
+        self._interval = interval
+        self.subscribers: set[Subscriber] = set()
+        self._joining: list[tuple[Subscriber, dict[str, object] | None]] = []
+        self._wake = asyncio.Event()
+        self._folders: dict[str, Folder] | None = None
+
+    def join(self, subscriber: Subscriber, cursor: dict[str, object] | None) -> None:
+        self._joining.append((subscriber, cursor))
+        self._wake.set()
+
+    def leave(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+        self._joining = [(s, c) for s, c in self._joining if s is not subscriber]
+
+    @property
+    def idle(self) -> bool:
+        return not self.subscribers and not self._joining
+
+    def _cursor(self) -> dict[str, object]:
+        assert self._folders is not None
+        digest = hashlib.sha256("\0".join(sorted(self._folders)).encode()).hexdigest()[:32]
+        return {"d": digest}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._poll()
+            except BrokerError as exc:
+                if self._folders is None:  # never listed: tell the subscribers instead of keeping them waiting
+                    for subscriber in [*self.subscribers, *(s for s, _ in self._joining)]:
+                        subscriber.end(exc)
+                    return
+                log.info("folder poll failed", extra={"reason": exc.reason, "component": "feeds"})
+            self._admit()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+
+    async def _poll(self) -> None:
+        current = {folder.id: folder for folder in await self._list_folders()}
+        previous, self._folders = self._folders, current
+        if previous is None:
+            return
+        now = datetime.now(UTC)
+        events = [FeedEvent(FolderAdded(current[f]), self._cursor(), now) for f in sorted(current.keys() - previous)]
+        events += [FeedEvent(FolderDeleted(f), self._cursor(), now) for f in sorted(previous.keys() - current)]
+        for subscriber in list(self.subscribers):
+            for event in events:
+                subscriber.deliver(event)
+
+    def _admit(self) -> None:
+        joining, self._joining = self._joining, []
+        for subscriber, cursor in joining:
+            if subscriber.ended:
+                continue
+            if cursor is not None and cursor != self._cursor():
+                subscriber.deliver(FeedEvent(ResyncRequired(ResyncReason.GAP), self._cursor(), datetime.now(UTC)))
+            if not subscriber.start.done():
+                subscriber.start.set_result(self._cursor())
+            self.subscribers.add(subscriber)

@@ -15,7 +15,7 @@ from server.domain import paging
 from server.domain.accounts import Accounts
 from server.domain.blocking import BlockingPool
 from server.domain.drivers import Drivers
-from server.domain.feeds import FeedEnded, FeedHub
+from server.domain.feeds import FeedEnded, FeedHub, FolderListWatcher
 from server.domain.mail import (
     AttachmentChunk,
     EmailAddress,
@@ -38,6 +38,7 @@ MESSAGES = paging.PageLimits(default=50, maximum=500)
 MAX_QUERY_CHARS = 512
 MAX_REQUEST_ID_CHARS = 64
 MAX_WATCHED_FOLDERS = 20
+FOLDER_LIST = "*folders"  # the feed key of an account's folder list (folder ids never contain "*")
 
 
 def _check_query(query: str) -> None:
@@ -73,7 +74,9 @@ class Mailboxes:
         feeds: FeedHub,
         *,
         message_id_domain: str,
+        folder_poll_seconds: float = 30.0,
     ) -> None:
+        self._folder_poll_seconds = folder_poll_seconds
         self._feeds = feeds
         self._resume_tokens = tokens
         self._accounts = accounts
@@ -229,6 +232,12 @@ class Mailboxes:
             )
             for folder in folders
         }
+        subscribers[FOLDER_LIST] = self._feeds.subscribe(
+            account_id,
+            FOLDER_LIST,
+            lambda: FolderListWatcher(driver.list_folders, self._folder_poll_seconds),
+            positions.get(FOLDER_LIST),  # type: ignore[arg-type]
+        )
         getters: dict[asyncio.Task[FeedEvent | FeedEnded], str] = {}
         try:
             for folder, subscriber in subscribers.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import ImapConfig
+from server.config import ImapConfig, MailConfig
 from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
 from tests.mailserver import Mailbox, MailServers
 from tests.mailserver.fixtures import mail_servers, mailbox  # noqa: F401 - fixtures
@@ -28,7 +29,9 @@ ALL = [rpb.CAPABILITY_METADATA, rpb.CAPABILITY_READ, rpb.CAPABILITY_SEND]
 
 def imap_config(tmp_path: Path, pki: TestPki, servers: MailServers, **imap: Any) -> Any:
     config = broker_config(tmp_path, pki)
-    return type(config)(**{**config.__dict__, "imap": ImapConfig(ca_file=servers.ca_path, **imap)})
+    return dataclasses.replace(
+        config, imap=ImapConfig(ca_file=servers.ca_path, **imap), mail=MailConfig(folder_poll_seconds=0.5)
+    )
 
 
 @pytest.fixture
@@ -324,12 +327,20 @@ async def test_watch_mailbox_follows_adds_flags_and_deletes_and_resumes(
         deleted = await asyncio.wait_for(stream.read(), 10)
         assert deleted.WhichOneof("event") == "message_deleted"
         assert deleted.message_deleted.message == added.message_added.message.name
+
+        with mail_servers.imap(mailbox.address) as client:
+            client.create_folder("Projects")
+            created = await _next_event(stream, "folder_added")
+            assert created.folder_added.folder.display_name == "Projects"
+            client.delete_folder("Projects")
+        removed = await _next_event(stream, "folder_deleted")
+        assert removed.folder_deleted.folder == created.folder_added.folder.name
         stream.cancel()
 
         # What happens while nobody watches is replayed from the last token.
         mail_servers.deliver(mailbox.address, sample("while away", to=mailbox.address))
         resumed = mail.WatchMailbox(
-            mpb.WatchMailboxRequest(account=account.name, resume_token=deleted.resume_token), timeout=30
+            mpb.WatchMailboxRequest(account=account.name, resume_token=removed.resume_token), timeout=30
         )
         replayed = await asyncio.wait_for(resumed.read(), 10)
         assert replayed.WhichOneof("event") == "message_added"
@@ -340,6 +351,15 @@ async def test_watch_mailbox_follows_adds_flags_and_deletes_and_resumes(
             mail.WatchMailbox(mpb.WatchMailboxRequest(account=account.name, resume_token="garbage"), timeout=10).read()
         )
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN")
+
+
+async def _next_event(stream: Any, kind: str) -> Any:
+    """The next event of ``kind``, passing over heartbeats."""
+    while True:
+        event = await asyncio.wait_for(stream.read(), 10)
+        if event.WhichOneof("event") != "heartbeat":
+            assert event.WhichOneof("event") == kind
+            return event
 
 
 async def test_erasure_ends_open_feeds(
