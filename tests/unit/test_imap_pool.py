@@ -1,0 +1,154 @@
+"""The per-account IMAP pool: reuse, bounds, health checks, reconnects with backoff, and what it retries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from server.domain.blocking import BlockingPool
+from server.errors import NotFound, ProviderUnavailable, Unauthenticated
+from server.providers.imap.connection import ConnectionLost
+from server.providers.imap.pool import ImapPool, ImapSession
+
+
+class FakeClient:
+    """Stands in for a logged-in IMAPClient: counts NOOPs and logouts, can be made to fail."""
+
+    def __init__(self) -> None:
+        self.noops = 0
+        self.logged_out = False
+        self.broken = False
+
+    def noop(self) -> None:
+        self.noops += 1
+        if self.broken:
+            raise ConnectionLost()
+
+    def logout(self) -> None:
+        self.logged_out = True
+
+    def shutdown(self) -> None:
+        self.logged_out = True
+
+
+class Connector:
+    def __init__(self, failures: list[Exception] | None = None) -> None:
+        self.failures = list(failures or [])
+        self.made: list[FakeClient] = []
+        self.lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        with self.lock:
+            if self.failures:
+                raise self.failures.pop(0)
+            client = FakeClient()
+            self.made.append(client)
+            return client
+
+
+@pytest.fixture
+def blocking() -> Iterator[BlockingPool]:
+    pool = BlockingPool(8)
+    yield pool
+    pool.shutdown()
+
+
+async def test_connections_are_reused(blocking: BlockingPool) -> None:
+    connector = Connector()
+    pool = ImapPool(connector, blocking, size=2)
+    for _ in range(10):
+        await pool.run(lambda s: None)
+    assert len(connector.made) == 1
+    await pool.close()
+    assert connector.made[0].logged_out
+
+
+async def test_concurrency_is_bounded_by_the_pool_size(blocking: BlockingPool) -> None:
+    connector = Connector()
+    pool = ImapPool(connector, blocking, size=3)
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def work(session: ImapSession) -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        threading.Event().wait(0.02)
+        with lock:
+            active -= 1
+
+    await asyncio.gather(*(pool.run(work) for _ in range(20)))
+    assert peak == 3
+    assert len(connector.made) == 3
+    await pool.close()
+
+
+async def test_a_lost_connection_is_replaced_and_other_errors_keep_it(blocking: BlockingPool) -> None:
+    connector = Connector()
+    pool = ImapPool(connector, blocking, size=1)
+
+    def lose(session: ImapSession) -> None:
+        raise ConnectionLost()
+
+    def missing(session: ImapSession) -> None:
+        raise NotFound("gone", reason="MESSAGE_NOT_FOUND")
+
+    with pytest.raises(NotFound):
+        await pool.run(missing)
+    assert pool.idle == 1
+    with pytest.raises(ConnectionLost):
+        await pool.run(lose)
+    assert pool.idle == 0
+    assert connector.made[0].logged_out
+    await pool.run(lambda s: None)
+    assert len(connector.made) == 2
+    await pool.close()
+
+
+async def test_idle_connections_are_health_checked_before_reuse(blocking: BlockingPool) -> None:
+    connector = Connector()
+    pool = ImapPool(connector, blocking, size=1, check_after=0.0)
+    await pool.run(lambda s: None)
+    first = connector.made[0]
+    await pool.run(lambda s: None)
+    assert first.noops == 1  # checked, found alive, reused
+    first.broken = True
+    await pool.run(lambda s: None)
+    assert len(connector.made) == 2  # the dead one was discarded and replaced
+    await pool.close()
+
+
+async def test_transient_connect_failures_are_retried_with_backoff(blocking: BlockingPool) -> None:
+    connector = Connector([ProviderUnavailable(reason="PROVIDER_UNREACHABLE")] * 2)
+    pool = ImapPool(connector, blocking, size=1, attempts=3, backoff=0.01)
+    await pool.run(lambda s: None)
+    assert len(connector.made) == 1
+    await pool.close()
+
+    connector = Connector([ProviderUnavailable(reason="PROVIDER_UNREACHABLE")] * 3)
+    pool = ImapPool(connector, blocking, size=1, attempts=3, backoff=0.01)
+    with pytest.raises(ProviderUnavailable):
+        await pool.run(lambda s: None)
+    assert connector.failures == []  # all three attempts were made
+
+
+async def test_bad_credentials_are_not_retried(blocking: BlockingPool) -> None:
+    connector = Connector([Unauthenticated(reason="PROVIDER_AUTH_FAILED"), Unauthenticated()])
+    pool = ImapPool(connector, blocking, size=1, attempts=3, backoff=0.01)
+    with pytest.raises(Unauthenticated):
+        await pool.run(lambda s: None)
+    assert len(connector.failures) == 1  # one attempt only
+
+
+async def test_work_runs_off_the_event_loop_thread(blocking: BlockingPool) -> None:
+    pool = ImapPool(Connector(), blocking, size=1)
+    loop_thread = threading.get_ident()
+    thread = await pool.run(lambda s: threading.get_ident())
+    assert thread != loop_thread
+    await pool.close()
