@@ -111,6 +111,7 @@ class MailServiceServicer:
     def WatchMailbox(self, request, context):
         """Follows an account's changes. Every event carries a resume token; pass the last one seen to resume
         without loss, on this replica or another. An expired token yields a `resync_required` event first.
+        Delivery is at least once: a resumed feed may repeat a deletion, never skip a change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
