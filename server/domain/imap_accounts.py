@@ -27,6 +27,7 @@ from server.providers.imap.driver import ImapDriver, ImapSettings
 from server.store.ids import new_account_id
 from server.store.repository import Store
 
+DEADLINE_MARGIN_SECONDS = 0.25
 MAX_HOST_CHARS = 253
 MAX_USERNAME_CHARS = 256
 MAX_PASSWORD_CHARS = 1024
@@ -120,11 +121,10 @@ class ImapAccounts:
             smtp_server=request.smtp_server,
         )
         driver = ImapDriver(profile, Credentials(request.username, request.password), self._blocking, self._settings)
-        timeout = (
-            self._settings.timeout_seconds
-            if deadline is None
-            else max(0.1, min(deadline, self._settings.timeout_seconds))
-        )
+        timeout = self._settings.timeout_seconds
+        if deadline is not None:
+            # Give up a little before the caller does, so it gets our reason rather than a bare DEADLINE_EXCEEDED.
+            timeout = max(0.1, min(deadline - DEADLINE_MARGIN_SECONDS, timeout))
         await driver.verify(smtp=Capability.SEND in request.capabilities, timeout=timeout)
         account = Account(
             id=new_account_id(),
