@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+from collections.abc import Iterator
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -282,8 +287,21 @@ async def test_only_auditors_list_every_tenant(broker: RunningBroker) -> None:
         await accounts_b.ListAuditEvents(apb.ListAuditEventsRequest(all_tenants=True), timeout=5)
 
 
-async def test_an_unexpected_error_is_a_generic_internal(
-    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """The broker's real logging set-up (allow-list and redacting filter) writing to a buffer, at DEBUG."""
+    from server.logging import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)
+    yield stream
+    for handler in logging.getLogger().handlers[:]:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+async def test_an_unexpected_error_is_a_generic_internal_with_a_safe_logged_traceback(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, captured_logs: io.StringIO
 ) -> None:
     from server.store.repository import Store
 
@@ -296,3 +314,12 @@ async def test_an_unexpected_error_is_a_generic_internal(
         error = await _fails(accounts.ListAccounts(apb.ListAccountsRequest(), timeout=5))
     assert (error.code(), error_reason(error)) == (grpc.StatusCode.INTERNAL, "INTERNAL")
     assert "canary" not in (error.details() or "")
+    # The operator gets the traceback (types and frames) in the log, without the exception's text.
+    records = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+    (failure,) = [r for r in records if r.get("msg") == "unhandled error"]
+    assert "RuntimeError" in failure["exc"]
+    assert "explode" in failure["exc"]
+    assert "canary" not in captured_logs.getvalue()
+    access = [r for r in records if r.get("msg") == "rpc"]
+    assert access[-1]["status"] == "INTERNAL"
+    assert access[-1]["caller"] == broker.pki.alice.identity

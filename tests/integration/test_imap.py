@@ -380,3 +380,23 @@ async def test_erasure_ends_open_feeds(
         assert receipt.steps[1].kind == rpb.ERASURE_STEP_KIND_STOP_WATCHES
         error = await _fails(stream.read())
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_ERASED")
+
+
+async def test_shutdown_ends_open_feeds_with_unavailable_so_clients_resume_elsewhere(
+    broker: RunningBroker,
+    mail_servers: MailServers,  # noqa: F811
+    mailbox: Mailbox,  # noqa: F811
+) -> None:
+    async with broker.channel(broker.pki.alice) as channel:
+        accounts, mail = stubs(channel)
+        account = await accounts.ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=20)
+        stream = mail.WatchMailbox(
+            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
+            timeout=30,
+        )
+        heartbeat = await asyncio.wait_for(stream.read(), 10)
+        assert heartbeat.resume_token
+        stopping = asyncio.ensure_future(broker.broker.stop())
+        error = await _fails(stream.read())
+        assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+        await stopping
