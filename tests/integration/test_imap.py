@@ -374,8 +374,10 @@ async def test_erasure_ends_open_feeds(
             mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
             timeout=30,
         )
-        first = await asyncio.wait_for(stream.read(), 10)  # a heartbeat: the feed is up
-        assert first.WhichOneof("event") == "heartbeat"
+        await asyncio.sleep(0.3)
+        mail_servers.deliver(mailbox.address, sample("one", to=mailbox.address))
+        first = await asyncio.wait_for(stream.read(), 10)  # the feed is up
+        assert first.WhichOneof("event") == "message_added"
         receipt = await accounts.DeleteAccount(apb.DeleteAccountRequest(name=account.name), timeout=10)
         assert receipt.steps[1].kind == rpb.ERASURE_STEP_KIND_STOP_WATCHES
         error = await _fails(stream.read())
@@ -394,8 +396,10 @@ async def test_shutdown_ends_open_feeds_with_unavailable_so_clients_resume_elsew
             mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
             timeout=30,
         )
-        heartbeat = await asyncio.wait_for(stream.read(), 10)
-        assert heartbeat.resume_token
+        await asyncio.sleep(0.3)
+        mail_servers.deliver(mailbox.address, sample("one", to=mailbox.address))
+        event = await asyncio.wait_for(stream.read(), 10)  # the feed is up
+        assert event.resume_token
         stopping = asyncio.ensure_future(broker.broker.stop())
         error = await _fails(stream.read())
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")

@@ -10,7 +10,6 @@ import ssl
 import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
@@ -79,7 +78,7 @@ def test_imaps_login_verifies_the_test_ca(mail_servers: MailServers, mailbox: Ma
     assert ("IP Address", "127.0.0.1") in certificate["subjectAltName"]
 
 
-def test_imaps_refuses_a_client_that_does_not_trust_the_test_ca(mail_servers: MailServers, tmp_path: Path) -> None:
+def test_imaps_refuses_a_client_that_does_not_trust_the_test_ca(mail_servers: MailServers) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cadata=new_ca("some other CA").cert_pem().decode())
 
@@ -106,7 +105,9 @@ def test_wrong_password_is_refused(mail_servers: MailServers, mailbox: Mailbox) 
 
 
 def test_a_password_change_is_seen_at_the_next_login(mail_servers: MailServers, mailbox: Mailbox) -> None:
-    new_password = mailbox.password[::-1]  # same length, same second: Dovecot must still re-read the file
+    with mail_servers.imap(mailbox.address):  # Dovecot has just read the user's passwd-file
+        pass
+    new_password = mailbox.password[::-1]  # the same length: only the file's mtime shows that it changed
     mail_servers.add_user(mailbox.address, new_password)
 
     with (
@@ -120,12 +121,14 @@ def test_a_password_change_is_seen_at_the_next_login(mail_servers: MailServers, 
         client.login(mailbox.address, new_password)
 
 
-def test_plaintext_login_before_starttls_is_refused_by_default(mail_servers: MailServers, mailbox: Mailbox) -> None:
+def test_plaintext_login_is_refused_until_starttls(mail_servers: MailServers, mailbox: Mailbox) -> None:
     # On insecure_host Dovecot does not treat the connection as local, and so applies ssl = required.
     with IMAPClient(mail_servers.insecure_host, port=mail_servers.imap_starttls_port, ssl=False, timeout=10) as client:
         assert b"LOGINDISABLED" in client.capabilities()
         with pytest.raises(LoginError, match="PRIVACYREQUIRED"):
             client.login(*mailbox)
+        client.starttls(mail_servers.client_context())  # the certificate names 127.0.0.2 too
+        client.login(*mailbox)
 
 
 def test_plaintext_login_where_the_config_allows_it(mail_servers_allowing_plaintext: MailServers) -> None:
@@ -141,13 +144,14 @@ def test_plaintext_login_where_the_config_allows_it(mail_servers_allowing_plaint
 def test_special_use_folders_are_listed_with_their_flags(mail_servers: MailServers, mailbox: Mailbox) -> None:
     with mail_servers.imap(mailbox.address) as client:
         listed = {name: set(flags) for flags, _delimiter, name in client.list_folders()}
-        special = {name: set(flags) for flags, _delimiter, name in client.list_folders() if name != "INBOX"}
         subscribed = {name for _flags, _delimiter, name in client.list_sub_folders()}
+        trash = client.find_special_folder(b"\\Trash")
 
     assert set(listed) == {"INBOX", *SPECIAL_USE_FOLDERS}
     for name, flag in SPECIAL_USE_FOLDERS.items():
-        assert flag.encode() in special[name], name
+        assert flag.encode() in listed[name], name
     assert set(SPECIAL_USE_FOLDERS) <= subscribed
+    assert trash == "Trash"
 
 
 def test_lmtp_delivery_lands_in_the_inbox(mail_servers: MailServers, mailbox: Mailbox) -> None:
@@ -257,7 +261,7 @@ def test_smtps_submission_is_recorded_and_lands_in_the_inbox(mail_servers: MailS
         refused = smtp.sendmail(mailbox.address, [mailbox.address], raw)
 
     assert refused == {}
-    [received] = mail_servers._smtp.wait_for(1, to=mailbox.address)
+    [received] = mail_servers.smtp.wait_for(1, to=mailbox.address)
     assert received.user == mailbox.address
     assert received.mail_from == mailbox.address
     assert received.rcpt_tos == (mailbox.address,)
@@ -275,7 +279,7 @@ def test_starttls_submission(mail_servers: MailServers, mailbox: Mailbox) -> Non
         smtp.login(*mailbox)
         smtp.sendmail(mailbox.address, [mailbox.address, outsider], message(mailbox.address, "sent after STARTTLS"))
 
-    [received] = mail_servers._smtp.wait_for(1, to=mailbox.address)
+    [received] = mail_servers.smtp.wait_for(1, to=mailbox.address)
     assert not received.implicit_tls
     assert received.rcpt_tos == (mailbox.address, outsider)
     assert received.relayed_to == (mailbox.address,)  # not a mail user: recorded, not delivered
@@ -295,7 +299,7 @@ def test_auth_before_tls_is_neither_offered_nor_accepted(mail_servers: MailServe
         assert code == 530
         code, _ = smtp.docmd("MAIL", f"FROM:<{mailbox.address}>")
         assert code == 530
-    assert mail_servers._smtp.wait_for(0, to=mailbox.address) == []
+    assert mail_servers.smtp.messages_for(mailbox.address) == []
 
 
 def test_smtp_refuses_a_wrong_password_and_mail_without_auth(mail_servers: MailServers, mailbox: Mailbox) -> None:
@@ -310,9 +314,15 @@ def test_smtp_refuses_a_wrong_password_and_mail_without_auth(mail_servers: MailS
 
 
 def test_reject_next_fails_one_submission(mail_servers: MailServers, mailbox: Mailbox) -> None:
-    smtp_server = mail_servers._smtp
-    smtp_server.reject_next(552, "5.3.4 Message too big for this test")
-    smtp_server.reject_next(550, "5.1.1 No such recipient here", stage="RCPT")
+    smtp_server = mail_servers.smtp
+    bystander = mail_servers.new_mailbox("bystander")
+    smtp_server.reject_next(552, "5.3.4 Message too big for this test", user=mailbox.address)
+    smtp_server.reject_next(550, "5.1.1 No such recipient here", stage="RCPT", user=mailbox.address)
+    with smtplib.SMTP_SSL(
+        mail_servers.host, mail_servers.smtps_port, context=mail_servers.client_context(), timeout=10
+    ) as smtp:
+        smtp.login(*bystander)  # another user's submission takes none of the rejections
+        smtp.sendmail(bystander.address, [bystander.address], message(bystander.address, "unaffected"))
     context = mail_servers.client_context()
     with smtplib.SMTP_SSL(mail_servers.host, mail_servers.smtps_port, context=context, timeout=10) as smtp:
         smtp.login(*mailbox)
@@ -328,7 +338,7 @@ def test_reject_next_fails_one_submission(mail_servers: MailServers, mailbox: Ma
 
 
 def test_a_421_rejection_closes_the_connection(mail_servers: MailServers, mailbox: Mailbox) -> None:
-    mail_servers._smtp.reject_next(421, "4.3.2 Shutting down for a test", stage="MAIL")
+    mail_servers.smtp.reject_next(421, "4.3.2 Shutting down for a test", stage="MAIL", user=mailbox.address)
     context = mail_servers.client_context()
     with smtplib.SMTP_SSL(mail_servers.host, mail_servers.smtps_port, context=context, timeout=10) as smtp:
         smtp.login(*mailbox)
@@ -379,7 +389,7 @@ async def test_asyncio_tests_can_wait_without_blocking_their_loop(mail_servers: 
     ticker = asyncio.create_task(tick())
     try:
         sending = asyncio.create_task(asyncio.to_thread(send))
-        received = await mail_servers._smtp.wait_for_async(1, to=mailbox.address)
+        received = await mail_servers.smtp.wait_for_async(1, to=mailbox.address)
         await sending
     finally:
         ticker.cancel()

@@ -176,8 +176,13 @@ class Dovecot:
         tls: ServerTls | None = None,
         allow_plaintext_auth: bool = False,
         directory: Path | None = None,
+        extra_config: str = "",
     ) -> None:
-        """Start Dovecot; return once all three ports answer (raises DovecotError if they do not within 10 s)."""
+        """Start Dovecot; return once all three ports answer (raises DovecotError if they do not within 10 s).
+
+        ``extra_config`` is appended to the generated dovecot.conf: a later setting wins, and a section named again
+        (``service imap { ... }``) is merged with the earlier one (bench/ raises limits for 1,000 IDLE connections).
+        """
         executable = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
         if executable is None:
             raise DovecotError("dovecot is not installed: run scripts/install-system-deps as root")
@@ -185,6 +190,7 @@ class Dovecot:
             raise DovecotError("the test Dovecot must be started as root (its processes then drop to dovecot/dovenull)")
         self.users = users if users is not None else MailUsers()
         self.allow_plaintext_auth = allow_plaintext_auth
+        self.extra_config = extra_config
         self._owns_directory = directory is None
         self.directory = (
             Path(tempfile.mkdtemp(prefix="mailbroker-dovecot-", dir=_fast_tmp())) if directory is None else directory
@@ -227,7 +233,7 @@ class Dovecot:
     def _start(self, executable: str) -> None:
         for attempt in range(1, _START_ATTEMPTS + 1):
             self.imap_port, self.starttls_port, self.lmtp_port = _free_ports(3)
-            self.config_path.write_text(self._config())
+            self.config_path.write_text(self._config() + self.extra_config)
             log_start = {path: _size(path) for path in (self.stderr_path, self.log_path)}
             started = time.monotonic()
             # -F keeps the master (the pid in run/master.pid) in the foreground as our child, so that stop() can

@@ -1,6 +1,8 @@
-"""pytest fixtures for the test mail servers; import them into a conftest.py to use them.
+"""pytest fixtures for the test mail servers. To use them in a directory of tests, import them in its conftest.py::
 
-from tests.mailserver.fixtures import mail_servers, mailbox  # noqa: F401 (pytest finds fixtures by name)
+    from tests.mailserver.fixtures import mail_servers, mail_servers_allowing_plaintext, mailbox  # noqa: F401
+
+(pytest finds fixtures by name, so the import only has to bring them into the conftest's namespace.)
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ class _Rejection:
     stage: Stage
     code: int
     text: str
+    user: str | None
 
     def reply(self, server: SMTP) -> str:
         if self.code == 421 and server.transport is not None:
@@ -100,6 +101,7 @@ class SubmissionServer:
             self._loop.run_forever()
         finally:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())  # the relays' worker threads
             self._loop.close()
 
     async def _start(self) -> None:
@@ -176,16 +178,18 @@ class SubmissionServer:
             self._messages.clear()
             self._rejections.clear()
 
-    def reject_next(self, code: int, text: str, *, stage: Stage = "DATA") -> None:
+    def reject_next(self, code: int, text: str, *, stage: Stage = "DATA", user: str | None = None) -> None:
         """Answer the next MAIL FROM, RCPT TO or end of DATA (``stage``) with ``code`` and ``text`` instead of 250.
 
-        Calls queue up: two calls reject the next two commands of that stage. A 4xx code is a temporary failure to
-        the client, a 5xx a permanent one; a 421 also closes the connection, as a real server does.
+        With ``user``, only a client authenticated as that address gets the rejection (tests sharing one server then
+        cannot take each other's). Calls queue up: two calls reject the next two commands of that stage. A 4xx code
+        is a temporary failure to the client, a 5xx a permanent one; a 421 also closes the connection, as a real
+        server does.
         """
         if not 400 <= code <= 599:
             raise ValueError("a rejection needs a 4xx or 5xx code")
         with self._lock:
-            self._rejections.append(_Rejection(stage, code, text))
+            self._rejections.append(_Rejection(stage, code, text, user.lower() if user else None))
 
     def wait_for(self, count: int, timeout: float = 5.0, *, to: str | None = None) -> list[Received]:
         """Wait until at least ``count`` messages (those for recipient ``to``, if given) were accepted; return them.
@@ -204,6 +208,11 @@ class SubmissionServer:
     async def wait_for_async(self, count: int, timeout: float = 5.0, *, to: str | None = None) -> list[Received]:
         """:meth:`wait_for` for asyncio tests: waits in a worker thread, so the caller's event loop keeps running."""
         return await asyncio.to_thread(self.wait_for, count, timeout, to=to)
+
+    def messages_for(self, address: str) -> list[Received]:
+        """The accepted messages that have ``address`` among their recipients, oldest first."""
+        with self._lock:
+            return self._matching(address)
 
     def _matching(self, to: str | None) -> list[Received]:
         if to is None:
@@ -226,10 +235,11 @@ class SubmissionServer:
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, auth_data=login)
 
-    def _take_rejection(self, stage: Stage) -> _Rejection | None:
+    def _take_rejection(self, stage: Stage, session: Session) -> _Rejection | None:
+        user = str(session.auth_data).lower()
         with self._lock:
             for index, rejection in enumerate(self._rejections):
-                if rejection.stage == stage:
+                if rejection.stage == stage and rejection.user in (None, user):
                     return self._rejections.pop(index)
         return None
 
@@ -252,7 +262,7 @@ class _Handler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
-        rejection = self.server._take_rejection("MAIL")
+        rejection = self.server._take_rejection("MAIL", session)
         if rejection is not None:
             return rejection.reply(server)
         envelope.mail_from = address
@@ -262,7 +272,7 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        rejection = self.server._take_rejection("RCPT")
+        rejection = self.server._take_rejection("RCPT", session)
         if rejection is not None:
             return rejection.reply(server)
         envelope.rcpt_tos.append(address)
@@ -270,7 +280,7 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        rejection = self.server._take_rejection("DATA")
+        rejection = self.server._take_rejection("DATA", session)
         if rejection is not None:
             return rejection.reply(server)
         raw = envelope.original_content or b""
