@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.broker import RunningBroker, broker_config, running_broker
+from tests.mailserver.fixtures import mail_servers, mail_servers_allowing_plaintext, mailbox  # noqa: F401
 from tests.pki import TestPki, make_test_pki
 
 

@@ -21,7 +21,6 @@ from mailbroker.v1 import resources_pb2 as rpb
 from server.config import ImapConfig, MailConfig
 from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
 from tests.mailserver import Mailbox, MailServers
-from tests.mailserver.fixtures import mail_servers, mailbox  # noqa: F401 - fixtures
 from tests.pki import TestPki
 
 ALL = [rpb.CAPABILITY_METADATA, rpb.CAPABILITY_READ, rpb.CAPABILITY_SEND]
@@ -35,7 +34,7 @@ def imap_config(tmp_path: Path, pki: TestPki, servers: MailServers, **imap: Any)
 
 
 @pytest.fixture
-async def broker(tmp_path: Path, pki: TestPki, mail_servers: MailServers) -> AsyncIterator[RunningBroker]:  # noqa: F811
+async def broker(tmp_path: Path, pki: TestPki, mail_servers: MailServers) -> AsyncIterator[RunningBroker]:
     async with running_broker(imap_config(tmp_path, pki, mail_servers), pki) as running:
         yield running
 
@@ -80,8 +79,8 @@ async def _fails(call: Any) -> grpc.aio.AioRpcError:
 
 async def test_connect_verifies_both_logins_and_stores_the_password_only_sealed(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     async with broker.channel(broker.pki.alice) as channel:
         accounts, _ = stubs(channel)
@@ -106,8 +105,8 @@ async def test_connect_verifies_both_logins_and_stores_the_password_only_sealed(
 
 async def test_unreachable_silent_and_plaintext_servers_fail_clearly(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -140,8 +139,8 @@ async def test_unreachable_silent_and_plaintext_servers_fail_clearly(
 
 async def test_folders_messages_bodies_and_attachments(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     payload = bytes(range(256)) * 1024  # 256 KiB: several chunks
     for n in range(7):
@@ -205,8 +204,8 @@ async def test_folders_messages_bodies_and_attachments(
 
 async def test_capabilities_are_enforced_for_imap(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     mail_servers.deliver(mailbox.address, sample("x", to=mailbox.address, attachment=b"abc"))
     async with broker.channel(broker.pki.alice) as channel:
@@ -238,8 +237,8 @@ async def test_capabilities_are_enforced_for_imap(
 
 async def test_send_delivers_files_a_copy_rejects_injection_and_is_idempotent(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     recipient, _ = mail_servers.new_mailbox("rcpt")
     async with broker.channel(broker.pki.alice) as channel:
@@ -277,7 +276,7 @@ async def test_send_delivers_files_a_copy_rejects_injection_and_is_idempotent(
         sent = await mail.SendMessage(request, timeout=20)
         assert sent.internet_message_id and not sent.replayed
         assert sent.message  # the copy filed in Sent
-        mail_servers.smtp.wait_for(before + 1, to=recipient)
+        await mail_servers.smtp.wait_for_async(1, to=recipient)
         copy = await mail.GetMessage(mpb.GetMessageRequest(name=sent.message, view=rpb.MESSAGE_VIEW_FULL), timeout=10)
         assert copy.subject == "Grüße aus dem Test"
         assert copy.attachments[0].filename == "a.txt"
@@ -298,8 +297,8 @@ async def test_send_delivers_files_a_copy_rejects_injection_and_is_idempotent(
 
 async def test_watch_mailbox_follows_adds_flags_and_deletes_and_resumes(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     async with broker.channel(broker.pki.alice) as channel:
         accounts, mail = stubs(channel)
@@ -364,8 +363,8 @@ async def _next_event(stream: Any, kind: str) -> Any:
 
 async def test_erasure_ends_open_feeds(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     async with broker.channel(broker.pki.alice) as channel:
         accounts, mail = stubs(channel)
@@ -386,8 +385,8 @@ async def test_erasure_ends_open_feeds(
 
 async def test_shutdown_ends_open_feeds_with_unavailable_so_clients_resume_elsewhere(
     broker: RunningBroker,
-    mail_servers: MailServers,  # noqa: F811
-    mailbox: Mailbox,  # noqa: F811
+    mail_servers: MailServers,
+    mailbox: Mailbox,
 ) -> None:
     async with broker.channel(broker.pki.alice) as channel:
         accounts, mail = stubs(channel)
@@ -404,3 +403,28 @@ async def test_shutdown_ends_open_feeds_with_unavailable_so_clients_resume_elsew
         error = await _fails(stream.read())
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
         await stopping
+
+
+async def test_a_dovecot_restart_mid_stream_loses_nothing(tmp_path: Path, pki: TestPki) -> None:
+    # A private pair of servers: killing the session-wide Dovecot would disturb every other test.
+    with MailServers() as servers:
+        box = servers.new_mailbox()
+        async with running_broker(imap_config(tmp_path, pki, servers), pki) as broker:
+            async with broker.channel(pki.alice) as channel:
+                accounts, mail = stubs(channel)
+                account = await accounts.ConnectImapAccount(connect_request(servers, box), timeout=20)
+                stream = mail.WatchMailbox(mpb.WatchMailboxRequest(account=account.name), timeout=60)
+                await asyncio.sleep(0.3)
+                servers.deliver(box.address, sample("before", to=box.address))
+                before = await _next_event(stream, "message_added")
+                assert before.message_added.message.subject == "before"
+
+                assert servers.dovecot is not None
+                servers.dovecot.kill()
+                await asyncio.sleep(0.5)  # the watcher sees the connection drop and starts backing off
+                servers.dovecot.restart()
+                # Mail that arrives after the restart, before the watcher is back, still reaches the stream.
+                servers.deliver(box.address, sample("after", to=box.address))
+                after = await asyncio.wait_for(_next_event(stream, "message_added"), 30)
+                assert after.message_added.message.subject == "after"
+                stream.cancel()

@@ -23,15 +23,9 @@ from tests.mailserver import (
     MaildirMessage,
     MailServers,
     SubmissionServer,
-    fixtures,
 )
 
 pytestmark = pytest.mark.integration
-
-# The harness's fixtures, until tests/integration/conftest.py imports them for every integration test.
-mail_servers = fixtures.mail_servers
-mail_servers_allowing_plaintext = fixtures.mail_servers_allowing_plaintext
-mailbox = fixtures.mailbox
 
 REQUIRED_CAPABILITIES = {b"IDLE", b"CONDSTORE", b"QRESYNC", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"BINARY"}
 

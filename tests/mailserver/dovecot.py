@@ -230,9 +230,10 @@ class Dovecot:
 
     # -- life cycle -----------------------------------------------------------------------------------------------
 
-    def _start(self, executable: str) -> None:
+    def _start(self, executable: str, *, same_ports: bool = False) -> None:
         for attempt in range(1, _START_ATTEMPTS + 1):
-            self.imap_port, self.starttls_port, self.lmtp_port = _free_ports(3)
+            if not same_ports:
+                self.imap_port, self.starttls_port, self.lmtp_port = _free_ports(3)
             self.config_path.write_text(self._config() + self.extra_config)
             log_start = {path: _size(path) for path in (self.stderr_path, self.log_path)}
             started = time.monotonic()
@@ -284,6 +285,15 @@ class Dovecot:
         self._stop_process()
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Kill the master and every Dovecot process (connections drop), keeping mail and ports for restart()."""
+        self._stop_process()
+
+    def restart(self) -> None:
+        """Start again on the same ports after kill(): clients see an outage, then the same server."""
+        executable = shutil.which("dovecot") or "/usr/sbin/dovecot"
+        self._start(executable, same_ports=True)
 
     def _stop_process(self) -> None:
         process, self._process = self._process, None
