@@ -409,22 +409,24 @@ async def test_a_dovecot_restart_mid_stream_loses_nothing(tmp_path: Path, pki: T
     # A private pair of servers: killing the session-wide Dovecot would disturb every other test.
     with MailServers() as servers:
         box = servers.new_mailbox()
-        async with running_broker(imap_config(tmp_path, pki, servers), pki) as broker:
-            async with broker.channel(pki.alice) as channel:
-                accounts, mail = stubs(channel)
-                account = await accounts.ConnectImapAccount(connect_request(servers, box), timeout=20)
-                stream = mail.WatchMailbox(mpb.WatchMailboxRequest(account=account.name), timeout=60)
-                await asyncio.sleep(0.3)
-                servers.deliver(box.address, sample("before", to=box.address))
-                before = await _next_event(stream, "message_added")
-                assert before.message_added.message.subject == "before"
+        async with (
+            running_broker(imap_config(tmp_path, pki, servers), pki) as broker,
+            broker.channel(pki.alice) as channel,
+        ):
+            accounts, mail = stubs(channel)
+            account = await accounts.ConnectImapAccount(connect_request(servers, box), timeout=20)
+            stream = mail.WatchMailbox(mpb.WatchMailboxRequest(account=account.name), timeout=60)
+            await asyncio.sleep(0.3)
+            servers.deliver(box.address, sample("before", to=box.address))
+            before = await _next_event(stream, "message_added")
+            assert before.message_added.message.subject == "before"
 
-                assert servers.dovecot is not None
-                servers.dovecot.kill()
-                await asyncio.sleep(0.5)  # the watcher sees the connection drop and starts backing off
-                servers.dovecot.restart()
-                # Mail that arrives after the restart, before the watcher is back, still reaches the stream.
-                servers.deliver(box.address, sample("after", to=box.address))
-                after = await asyncio.wait_for(_next_event(stream, "message_added"), 30)
-                assert after.message_added.message.subject == "after"
-                stream.cancel()
+            assert servers.dovecot is not None
+            servers.dovecot.kill()
+            await asyncio.sleep(0.5)  # the watcher sees the connection drop and starts backing off
+            servers.dovecot.restart()
+            # Mail that arrives after the restart, before the watcher is back, still reaches the stream.
+            servers.deliver(box.address, sample("after", to=box.address))
+            after = await asyncio.wait_for(_next_event(stream, "message_added"), 30)
+            assert after.message_added.message.subject == "after"
+            stream.cancel()
