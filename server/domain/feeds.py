@@ -74,6 +74,9 @@ class Upstream(Protocol):
 
     def leave(self, subscriber: Subscriber) -> None: ...
 
+    def end_all(self, error: BrokerError) -> None:
+        """End every subscriber's stream with ``error`` (erasure, a credential the provider refused)."""
+
     @property
     def idle(self) -> bool:
         """No subscriber left."""
@@ -82,6 +85,42 @@ class Upstream(Protocol):
     async def run(self) -> None:
         """Watch until cancelled; on a fatal error end every subscriber and return."""
         ...
+
+
+class UpstreamBase:
+    """The subscriber bookkeeping every Upstream shares. A subclass's ``run`` admits ``_joining`` subscribers
+    from its own task (so a catch-up and the live events cannot interleave) and is woken by ``_wake``."""
+
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self._joining: list[tuple[Subscriber, dict[str, object] | None]] = []
+        self._wake = asyncio.Event()
+
+    def join(self, subscriber: Subscriber, cursor: dict[str, object] | None) -> None:
+        self._joining.append((subscriber, cursor))
+        self._wake.set()
+
+    def leave(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+        self._joining = [(s, c) for s, c in self._joining if s is not subscriber]
+
+    @property
+    def idle(self) -> bool:
+        return not self.subscribers and not self._joining
+
+    def end_all(self, error: BrokerError) -> None:
+        """End every subscriber's stream with ``error``."""
+        for subscriber in [*self.subscribers, *(s for s, _ in self._joining)]:
+            subscriber.end(error)
+        self.subscribers.clear()
+        self._joining.clear()
+
+    def _broadcast(self, events: list[FeedEvent]) -> None:
+        for subscriber in list(self.subscribers):
+            for event in events:
+                subscriber.deliver(event)
+            if subscriber.ended:
+                self.subscribers.discard(subscriber)
 
 
 @dataclass
@@ -146,8 +185,7 @@ class FeedHub:
         keys = [key for key in self._running if key[0] == account_id]
         for key in keys:
             running = self._running.pop(key)
-            for subscriber in list(getattr(running.upstream, "subscribers", ())):
-                subscriber.end(error)
+            running.upstream.end_all(error)
             running.task.cancel()
         return len(keys)
 
@@ -161,30 +199,16 @@ class FeedHub:
                 await task
 
 
-class FolderListWatcher:
+class FolderListWatcher(UpstreamBase):
     """Folder created/deleted events for one account, by polling its folder list (providers push no such events
     that all of them share). Cursor: ``{"d": digest of the folder ids}``; a subscriber resuming with another
     digest gets ResyncRequired (list the folders again), since the old list is not kept."""
 
     def __init__(self, list_folders: Callable[[], Awaitable[list[Folder]]], interval: float) -> None:
+        super().__init__()
         self._list_folders = list_folders
         self._interval = interval
-        self.subscribers: set[Subscriber] = set()
-        self._joining: list[tuple[Subscriber, dict[str, object] | None]] = []
-        self._wake = asyncio.Event()
         self._folders: dict[str, Folder] | None = None
-
-    def join(self, subscriber: Subscriber, cursor: dict[str, object] | None) -> None:
-        self._joining.append((subscriber, cursor))
-        self._wake.set()
-
-    def leave(self, subscriber: Subscriber) -> None:
-        self.subscribers.discard(subscriber)
-        self._joining = [(s, c) for s, c in self._joining if s is not subscriber]
-
-    @property
-    def idle(self) -> bool:
-        return not self.subscribers and not self._joining
 
     def _cursor(self) -> dict[str, object]:
         assert self._folders is not None
@@ -197,8 +221,7 @@ class FolderListWatcher:
                 await self._poll()
             except BrokerError as exc:
                 if self._folders is None:  # never listed: tell the subscribers instead of keeping them waiting
-                    for subscriber in [*self.subscribers, *(s for s, _ in self._joining)]:
-                        subscriber.end(exc)
+                    self.end_all(exc)
                     return
                 log.info("folder poll failed", extra={"reason": exc.reason, "component": "feeds"})
             self._admit()
@@ -214,9 +237,7 @@ class FolderListWatcher:
         now = datetime.now(UTC)
         events = [FeedEvent(FolderAdded(current[f]), self._cursor(), now) for f in sorted(current.keys() - previous)]
         events += [FeedEvent(FolderDeleted(f), self._cursor(), now) for f in sorted(previous.keys() - current)]
-        for subscriber in list(self.subscribers):
-            for event in events:
-                subscriber.deliver(event)
+        self._broadcast(events)
 
     def _admit(self) -> None:
         joining, self._joining = self._joining, []

@@ -11,7 +11,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-from server.domain.feeds import Subscriber
+from server.domain.feeds import UpstreamBase
 from server.domain.mail import (
     FeedEvent,
     Message,
@@ -21,7 +21,7 @@ from server.domain.mail import (
     ResyncReason,
     ResyncRequired,
 )
-from server.errors import BrokerError, FailedPrecondition, ProviderUnavailable, Unauthenticated
+from server.errors import FailedPrecondition, ProviderUnavailable, Unauthenticated
 from server.providers.imap import ids
 from server.providers.imap.aioimap import AsyncImap, Changes, Examined
 
@@ -39,31 +39,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class FolderWatcher:
+class FolderWatcher(UpstreamBase):
     """Watches one folder of one account for every subscriber of it in this process."""
 
     def __init__(self, folder: str, connect: Connect, summaries: Summaries) -> None:
+        super().__init__()
         self.folder = folder
         self._connect = connect
         self._summaries = summaries
-        self.subscribers: set[Subscriber] = set()
-        self._joining: list[tuple[Subscriber, dict[str, object] | None]] = []
-        self._wake = asyncio.Event()
         self._state: Examined | None = None
-
-    # Upstream protocol
-
-    def join(self, subscriber: Subscriber, cursor: dict[str, object] | None) -> None:
-        self._joining.append((subscriber, cursor))
-        self._wake.set()
-
-    def leave(self, subscriber: Subscriber) -> None:
-        self.subscribers.discard(subscriber)
-        self._joining = [(s, c) for s, c in self._joining if s is not subscriber]
-
-    @property
-    def idle(self) -> bool:
-        return not self.subscribers and not self._joining
 
     async def run(self) -> None:
         failures = 0
@@ -87,13 +71,13 @@ class FolderWatcher:
                     if lines:
                         await self._poll(connection)
             except (Unauthenticated, FailedPrecondition) as exc:
-                self._end_all(exc)
+                self.end_all(exc)
                 return
             except ProviderUnavailable as exc:
                 if self._state is None:
                     # Never connected: tell the subscribers now rather than keep them waiting for a server that
                     # may not be there. Once a feed is up, outages are retried and caught up on instead.
-                    self._end_all(exc)
+                    self.end_all(exc)
                     return
                 failures += 1
                 delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures, 10))
@@ -108,12 +92,6 @@ class FolderWatcher:
     def _cursor(self) -> dict[str, object]:
         assert self._state is not None
         return {"v": self._state.uidvalidity, "m": self._state.highestmodseq, "n": self._state.uidnext}
-
-    def _end_all(self, error: BrokerError) -> None:
-        for subscriber in [*self.subscribers, *(s for s, _ in self._joining)]:
-            subscriber.end(error)
-        self.subscribers.clear()
-        self._joining.clear()
 
     async def _resume(self, connection: AsyncImap) -> None:
         """Select the folder; after a reconnect, replay to subscribers what happened while we were away."""
@@ -220,12 +198,3 @@ class FolderWatcher:
         if deletions:
             add_deletions()
         return events
-
-    def _broadcast(self, events: list[FeedEvent]) -> None:
-        if not events:
-            return
-        for subscriber in list(self.subscribers):
-            for event in events:
-                subscriber.deliver(event)
-            if subscriber.ended:
-                self.subscribers.discard(subscriber)
