@@ -430,3 +430,45 @@ async def test_a_dovecot_restart_mid_stream_loses_nothing(tmp_path: Path, pki: T
             after = await asyncio.wait_for(_next_event(stream, "message_added"), 30)
             assert after.message_added.message.subject == "after"
             stream.cancel()
+
+
+async def test_a_folder_reset_yields_resync_and_tokens_are_bound_to_their_account(
+    broker: RunningBroker,
+    mail_servers: MailServers,
+    mailbox: Mailbox,
+) -> None:
+    other, _ = mail_servers.new_mailbox("other")
+    with mail_servers.imap(mailbox.address) as client:
+        client.create_folder("Projects")
+    async with broker.channel(broker.pki.alice) as channel:
+        accounts, mail = stubs(channel)
+        account = await accounts.ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=20)
+        folders = (await mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10)).folders
+        (projects,) = [f.name for f in folders if f.display_name == "Projects"]
+        request = mpb.WatchMailboxRequest(account=account.name, folders=[projects])
+        stream = mail.WatchMailbox(request, timeout=60)
+        await asyncio.sleep(0.3)
+        mail_servers.append(mailbox.address, "Projects", sample("in projects"))
+        event = await _next_event(stream, "message_added")
+        stream.cancel()
+
+        # The folder is deleted and made again: same name, new UIDVALIDITY, every old id void.
+        with mail_servers.imap(mailbox.address) as client:
+            client.delete_folder("Projects")
+            client.create_folder("Projects")
+        request.resume_token = event.resume_token
+        resumed = mail.WatchMailbox(request, timeout=60)
+        resync = await _next_event(resumed, "resync_required")
+        assert resync.resync_required.reason == mpb.RESYNC_REASON_UIDVALIDITY_CHANGED
+        assert resync.resync_required.folder == projects
+        resumed.cancel()
+
+        # A token is bound to its account (and folders): presented for another feed, it is refused.
+        second = await accounts.ConnectImapAccount(
+            connect_request(mail_servers, Mailbox(other, mail_servers.users.password(other) or "")), timeout=20
+        )
+        foreign = mail.WatchMailbox(
+            mpb.WatchMailboxRequest(account=second.name, resume_token=event.resume_token), timeout=10
+        )
+        error = await _fails(foreign.read())
+        assert (error.code(), error_reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN")
