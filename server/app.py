@@ -42,6 +42,8 @@ from server.store.repository import Store
 
 log = logging.getLogger("mailbroker.app")
 
+STORE_THREADS = 8
+
 SERVICE_NAMES = (
     account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     mail_service_pb2.DESCRIPTOR.services_by_name["MailService"].full_name,
@@ -106,7 +108,7 @@ class Broker:
     server: grpc.aio.Server
     port: int
     health: HealthServicer
-    blocking: BlockingPool
+    pools: tuple[BlockingPool, ...]
     grace: float
     draining: asyncio.Event
     drivers: Drivers
@@ -121,7 +123,8 @@ class Broker:
         await self.server.stop(self.grace)
         await self.feeds.close()
         await self.drivers.close()
-        self.blocking.shutdown()
+        for pool in self.pools:
+            pool.shutdown()
         log.info("stopped", extra={"event": "shutdown"})
 
     async def wait(self) -> None:
@@ -135,7 +138,9 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     engine = create_engine(config.store_url)
     upgrade(engine)
     store = Store(engine, keyring)
-    blocking = BlockingPool(config.server.blocking_threads)
+    # Separate pools: slow mail servers holding every provider thread must not stall the store for all tenants.
+    blocking = BlockingPool(STORE_THREADS, "mailbroker-store")
+    providers = BlockingPool(config.server.blocking_threads, "mailbroker-provider")
     tokens = OpaqueTokens(keyring)
     policy = Policy.from_config(config.effective_policy)
 
@@ -146,7 +151,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         timeout_seconds=config.imap.timeout_seconds,
     )
     accounts = Accounts(store, blocking, tokens)
-    drivers = Drivers(store, blocking, imap_settings)
+    drivers = Drivers(store, blocking, providers, imap_settings)
     audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
     feeds = FeedHub()
     erasure = Erasure(store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine))
@@ -160,7 +165,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         message_id_domain=config.mail.message_id_domain,
         folder_poll_seconds=config.mail.folder_poll_seconds,
     )
-    imap_accounts = ImapAccounts(store, blocking, imap_settings)
+    imap_accounts = ImapAccounts(store, blocking, providers, imap_settings)
 
     draining = asyncio.Event()
     server = grpc.aio.server(
@@ -194,4 +199,6 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"event": "startup", "port": port})
-    return Broker(server, port, health, blocking, config.server.shutdown_grace_seconds, draining, drivers, feeds)
+    return Broker(
+        server, port, health, (blocking, providers), config.server.shutdown_grace_seconds, draining, drivers, feeds
+    )

@@ -53,7 +53,7 @@ class ServerConfig:
     max_connection_age_grace_seconds: int = 30
     # How long shutdown waits for in-flight unary calls.
     shutdown_grace_seconds: float = 10.0
-    # Threads for blocking work (store, provider client libraries).
+    # Threads for blocking provider client libraries (imapclient, smtplib); the store has a pool of its own.
     blocking_threads: int = 16
 
 

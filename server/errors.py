@@ -13,6 +13,7 @@ status it maps to (by name, so this module stays free of grpc) and a default ``r
     ├── FailedPrecondition       FAILED_PRECONDITION
     │   └── CursorExpired        FAILED_PRECONDITION   (a feed or page cursor the provider no longer knows)
     ├── ResourceExhausted        RESOURCE_EXHAUSTED
+    ├── OutcomeUnknown           UNKNOWN               (a send may or may not have gone out)
     ├── Unimplemented            UNIMPLEMENTED
     ├── DeadlineExceeded         DEADLINE_EXCEEDED
     ├── Unavailable              UNAVAILABLE
@@ -110,6 +111,14 @@ class ResourceExhausted(BrokerError):
     code = "RESOURCE_EXHAUSTED"
     default_reason = "RESOURCE_EXHAUSTED"
     default_message = "resource exhausted"
+
+
+class OutcomeUnknown(BrokerError):
+    """The provider may have acted: e.g. the connection dropped after the message was handed over."""
+
+    code = "UNKNOWN"
+    default_reason = "SEND_OUTCOME_UNKNOWN"
+    default_message = "the mail server may or may not have accepted the message"
 
 
 class Unimplemented(BrokerError):

@@ -1,5 +1,5 @@
 """One live driver per account, made on first use from the account's sealed credentials and kept for reuse
-(its connection pool with it). Drivers are looked up by provider in a registry and imported lazily."""
+(its connection pool with it)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from server.store.repository import Store
 class Drivers:
     """The driver cache. A driver is replaced when the account changed (new credentials, capabilities)."""
 
-    def __init__(self, store: Store, blocking: BlockingPool, imap: ImapSettings) -> None:
+    def __init__(self, store: Store, blocking: BlockingPool, providers: BlockingPool, imap: ImapSettings) -> None:
         self._store = store
         self._blocking = blocking
+        self._providers = providers
         self._imap = imap
         self._drivers: dict[str, tuple[Any, MailDriver]] = {}
         self._lock = asyncio.Lock()
@@ -42,7 +43,7 @@ class Drivers:
             driver: MailDriver = ImapDriver(
                 account.profile,
                 Credentials(account.profile.username, password.decode("utf-8")),
-                self._blocking,
+                self._providers,
                 self._imap,
             )
             self._drivers[account.id] = (account.update_time, driver)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from server.domain.mail import FeedEvent, Folder, FolderAdded, FolderDeleted, ResyncReason, ResyncRequired
-from server.errors import BrokerError, ResourceExhausted
+from server.errors import BrokerError, ProviderUnavailable, ResourceExhausted
 
 log = logging.getLogger("mailbroker.feeds")
 
@@ -53,12 +53,24 @@ class Subscriber:
                 )
             )
 
+    def deliver_all(self, events: list[FeedEvent], folder_id: str) -> None:
+        """Queue a batch, or, when it cannot fit, one ResyncRequired that carries the batch's final cursor: the
+        consumer lists afresh rather than losing the part that did not fit."""
+        if self.ended or not events:
+            return
+        if len(events) > self.queue.maxsize - self.queue.qsize():
+            last = events[-1]
+            events = [FeedEvent(ResyncRequired(ResyncReason.GAP, folder_id), last.cursor, last.observe_time)]
+        for event in events:
+            self.deliver(event)
+
     def end(self, error: BrokerError) -> None:
         if self.ended:
             return
         self.ended = True
-        # Make room: the end must be seen even by a subscriber whose queue is full.
-        while self.queue.full():
+        # Drop everything still queued, not only enough to make room: the consumer's last resume token is then
+        # from before all of it, so resuming replays it. Dropping only the oldest would leave a hole.
+        while not self.queue.empty():
             self.queue.get_nowait()
         self.queue.put_nowait(FeedEnded(error))
         if not self.start.done():
@@ -91,6 +103,8 @@ class UpstreamBase:
     """The subscriber bookkeeping every Upstream shares. A subclass's ``run`` admits ``_joining`` subscribers
     from its own task (so a catch-up and the live events cannot interleave) and is woken by ``_wake``."""
 
+    folder_id = ""  # the folder this upstream watches, for ResyncRequired events ("" for account-wide ones)
+
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self._joining: list[tuple[Subscriber, dict[str, object] | None]] = []
@@ -117,8 +131,7 @@ class UpstreamBase:
 
     def _broadcast(self, events: list[FeedEvent]) -> None:
         for subscriber in list(self.subscribers):
-            for event in events:
-                subscriber.deliver(event)
+            subscriber.deliver_all(events, self.folder_id)
             if subscriber.ended:
                 self.subscribers.discard(subscriber)
 
@@ -165,6 +178,14 @@ class FeedHub:
     async def _run(self, key: tuple[str, str], upstream: Upstream) -> None:
         try:
             await upstream.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A watcher must never die silently: its subscribers would wait forever. They end, and resume.
+            log.error("feed watcher failed", exc_info=True, extra={"component": "feeds"})
+            upstream.end_all(
+                ProviderUnavailable("the change feed failed; resume from the last token", reason="FEED_FAILED")
+            )
         finally:
             current = self._running.get(key)
             if current is not None and current.upstream is upstream:

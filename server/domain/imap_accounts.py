@@ -67,9 +67,10 @@ def parse_address(value: str) -> str | None:
 
 
 class ImapAccounts:
-    def __init__(self, store: Store, blocking: BlockingPool, settings: ImapSettings) -> None:
+    def __init__(self, store: Store, blocking: BlockingPool, providers: BlockingPool, settings: ImapSettings) -> None:
         self._store = store
         self._blocking = blocking
+        self._providers = providers
         self._settings = settings
 
     def _validate(self, request: ImapConnectRequest) -> tuple[MailServer, str]:
@@ -120,7 +121,7 @@ class ImapAccounts:
             imap_server=imap_server,
             smtp_server=request.smtp_server,
         )
-        driver = ImapDriver(profile, Credentials(request.username, request.password), self._blocking, self._settings)
+        driver = ImapDriver(profile, Credentials(request.username, request.password), self._providers, self._settings)
         timeout = self._settings.timeout_seconds
         if deadline is not None:
             # Give up a little before the caller does, so it gets our reason rather than a bare DEADLINE_EXCEEDED.

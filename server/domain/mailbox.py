@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -15,7 +15,7 @@ from server.domain import paging
 from server.domain.accounts import Accounts
 from server.domain.blocking import BlockingPool
 from server.domain.drivers import Drivers
-from server.domain.feeds import FeedEnded, FeedHub, FolderListWatcher
+from server.domain.feeds import FeedEnded, FeedHub, FolderListWatcher, Subscriber, Upstream
 from server.domain.mail import (
     AttachmentChunk,
     EmailAddress,
@@ -29,13 +29,14 @@ from server.domain.mail import (
 )
 from server.domain.models import Capability
 from server.domain.principal import Principal
-from server.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from server.errors import FailedPrecondition, FieldViolation, InvalidArgument, OutcomeUnknown
 from server.providers import mime
 from server.store.repository import Store
 
 FOLDERS = paging.PageLimits(default=100, maximum=1000)
 MESSAGES = paging.PageLimits(default=50, maximum=500)
 MAX_QUERY_CHARS = 512
+QUERY_FORBIDDEN = frozenset('{}()"\\')
 MAX_REQUEST_ID_CHARS = 64
 MAX_WATCHED_FOLDERS = 20
 FOLDER_LIST = "*folders"  # the feed key of an account's folder list (folder ids never contain "*")
@@ -45,8 +46,10 @@ def _check_query(query: str) -> None:
     problem = ""
     if len(query) > MAX_QUERY_CHARS:
         problem = f"at most {MAX_QUERY_CHARS} characters"
-    elif any(c in query for c in "\r\n\0"):
-        problem = "no CR, LF or NUL"
+    elif any(c in query for c in QUERY_FORBIDDEN) or not query.isprintable():
+        # The query reaches the provider's own syntax (an IMAP SEARCH atom, Gmail q, Graph $search): characters
+        # that could open a literal, a group or a quoted string there are refused outright.
+        problem = "printable characters, none of " + " ".join(sorted(QUERY_FORBIDDEN))
     if problem:
         raise InvalidArgument(
             f"query must have {problem}", reason="INVALID_QUERY", field_violations=[FieldViolation("query", problem)]
@@ -78,6 +81,7 @@ class Mailboxes:
     ) -> None:
         self._folder_poll_seconds = folder_poll_seconds
         self._feeds = feeds
+        self._sends: set[asyncio.Task[SendResult]] = set()
         self._resume_tokens = tokens
         self._accounts = accounts
         self._drivers = drivers
@@ -174,24 +178,35 @@ class Mailboxes:
                 ),
                 True,
             )
-        try:
-            result = await driver.send_message(built, sender.address)
-        except BaseException:
-            # Nothing was accepted for delivery: let a retry with the same request_id try again.
-            await self._blocking.run(self._store.release_request, account_id, digest)
-            raise
-        await self._blocking.run(
-            self._store.complete_request,
-            account_id,
-            digest,
-            fingerprint,
-            {
-                "internet_message_id": result.internet_message_id,
-                "send_time": result.send_time.isoformat(),
-                "message_id": result.message_id,
-            },
-        )
-        return result, False
+
+        async def send_and_record() -> SendResult:
+            try:
+                result = await driver.send_message(built, sender.address)
+            except OutcomeUnknown:
+                raise  # it may have gone out: the claim stays, a retry is told REQUEST_IN_PROGRESS
+            except BaseException:
+                # The server refused it or was never reached: a retry with the same request_id may try again.
+                await self._blocking.run(self._store.release_request, account_id, digest)
+                raise
+            await self._blocking.run(
+                self._store.complete_request,
+                account_id,
+                digest,
+                fingerprint,
+                {
+                    "internet_message_id": result.internet_message_id,
+                    "send_time": result.send_time.isoformat(),
+                    "message_id": result.message_id,
+                },
+            )
+            return result
+
+        # Shielded: a caller that goes away mid-send must not leave the record claimed but never completed
+        # (or released while the message is on its way), or a retry would send it twice.
+        task = asyncio.ensure_future(send_and_record())
+        self._sends.add(task)  # a strong reference, so the send outlives a cancelled caller
+        task.add_done_callback(self._sends.discard)
+        return await asyncio.shield(task), False
 
     async def watch(
         self,
@@ -223,23 +238,23 @@ class Mailboxes:
                     field_violations=[FieldViolation("resume_token", "not a token of this account's feed")],
                 )
             positions = opened
-        subscribers = {
-            folder: self._feeds.subscribe(
-                account_id,
-                folder,
-                lambda folder=folder: driver.folder_watcher(folder),  # type: ignore[misc]
-                positions.get(folder),  # type: ignore[arg-type]
-            )
-            for folder in folders
-        }
-        subscribers[FOLDER_LIST] = self._feeds.subscribe(
-            account_id,
-            FOLDER_LIST,
-            lambda: FolderListWatcher(driver.list_folders, self._folder_poll_seconds),
-            positions.get(FOLDER_LIST),  # type: ignore[arg-type]
-        )
+        # Every upstream is made first (nothing runs until the hub starts one), so a folder id the driver refuses
+        # fails the call before any feed exists.
+        factories: dict[str, Callable[[], Upstream]] = {}
+        for folder in folders:
+            watcher = driver.folder_watcher(folder)
+            factories[folder] = lambda watcher=watcher: watcher  # type: ignore[misc]
+        factories[FOLDER_LIST] = lambda: FolderListWatcher(driver.list_folders, self._folder_poll_seconds)
+        subscribers: dict[str, Subscriber] = {}
         getters: dict[asyncio.Task[FeedEvent | FeedEnded], str] = {}
         try:
+            for folder, factory in factories.items():
+                subscribers[folder] = self._feeds.subscribe(
+                    account_id,
+                    folder,
+                    factory,
+                    positions.get(folder),  # type: ignore[arg-type]
+                )
             for folder, subscriber in subscribers.items():
                 start = await subscriber.start
                 positions.setdefault(folder, start)

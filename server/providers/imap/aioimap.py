@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from imapclient import imap_utf7
 
 from server.domain.models import MailServer, TransportSecurity
-from server.errors import FailedPrecondition, ProviderUnavailable, Unauthenticated
+from server.errors import FailedPrecondition, NotFound, ProviderUnavailable, Unauthenticated
 from server.providers.imap.connection import ConnectionLost, Credentials
 
 MAX_LINE = 1 << 20  # a response line (VANISHED sets, flag lists) beyond this is a broken or hostile server
@@ -103,6 +103,12 @@ class AsyncImap:
             await client._greeting()
             if server.security is TransportSecurity.STARTTLS:
                 await client.command(b"STARTTLS")
+                # Anything already buffered arrived in plaintext after the OK: an injection attempt (RFC 2595 §3.1
+                # and CVE-2011-0411's class of bugs). Nothing may be read as if it came over TLS.
+                if getattr(reader, "_buffer", b""):  # asyncio offers no public "bytes pending" check
+                    raise ProviderUnavailable(
+                        "the mail server sent data after STARTTLS in plaintext", reason="PROVIDER_PROTOCOL_ERROR"
+                    )
                 await asyncio.wait_for(writer.start_tls(tls, server_hostname=server.host), timeout)
             await client._login(credentials)
             await client._refresh_capabilities()
@@ -123,7 +129,13 @@ class AsyncImap:
                     )
                 literal = await asyncio.wait_for(self._reader.readexactly(size), self._timeout)
                 line = line + literal + await asyncio.wait_for(self._reader.readuntil(b"\r\n"), self._timeout)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ssl.SSLError) as exc:
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ssl.SSLError,
+            TimeoutError,  # a server that stopped answering is a lost connection: reconnect and catch up
+        ) as exc:
             raise ConnectionLost() from exc
         if line.startswith(b"* BYE"):
             raise ConnectionLost()
@@ -142,7 +154,7 @@ class AsyncImap:
         try:
             self._writer.write(data)
             await asyncio.wait_for(self._writer.drain(), self._timeout)
-        except (ConnectionError, ssl.SSLError) as exc:
+        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             raise ConnectionLost() from exc
 
     async def command(self, *parts: bytes, literals: tuple[bytes, ...] = ()) -> list[bytes]:
@@ -171,7 +183,7 @@ class AsyncImap:
         if b"AUTHENTICATIONFAILED" in line:
             raise Unauthenticated("the mail server refused the credentials", reason="PROVIDER_AUTH_FAILED")
         if b"NONEXISTENT" in line:
-            raise FailedPrecondition("the watched folder does not exist", reason="FOLDER_NOT_FOUND")
+            raise NotFound("folder not found", reason="FOLDER_NOT_FOUND")
         raise ProviderUnavailable("the mail server answered with an error", reason="PROVIDER_ERROR")
 
     async def _login(self, credentials: Credentials) -> None:
@@ -180,6 +192,8 @@ class AsyncImap:
             await self.command(
                 b"LOGIN", literals=(credentials.username.encode("utf-8"), credentials.password.encode("utf-8"))
             )
+        except ConnectionLost:
+            raise  # a dropped connection is not a refused password
         except ProviderUnavailable as exc:
             raise Unauthenticated("the mail server refused the credentials", reason="PROVIDER_AUTH_FAILED") from exc
 

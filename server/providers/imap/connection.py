@@ -20,7 +20,6 @@ from server.domain.models import MailServer, TransportSecurity
 from server.errors import (
     BrokerError,
     FailedPrecondition,
-    InvalidArgument,
     ProviderUnavailable,
     Unauthenticated,
 )
@@ -72,8 +71,6 @@ def provider_errors() -> Iterator[None]:
         ) from exc
     except (imap_exc.IMAPClientAbortError, smtplib.SMTPServerDisconnected) as exc:
         raise ConnectionLost() from exc
-    except (ConnectionError, OSError) as exc:
-        raise ProviderUnavailable("the mail server cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
     except smtplib.SMTPRecipientsRefused as exc:
         raise FailedPrecondition("the mail server refused every recipient", reason="RECIPIENTS_REFUSED") from exc
     except smtplib.SMTPSenderRefused as exc:
@@ -86,6 +83,9 @@ def provider_errors() -> Iterator[None]:
         raise ProviderUnavailable("the mail server failed", reason="PROVIDER_ERROR") from exc
     except imap_exc.IMAPClientError as exc:
         raise ProviderUnavailable("the mail server answered with an error", reason="PROVIDER_ERROR") from exc
+    except OSError as exc:
+        # Last: smtplib's exceptions are OSErrors too, and must keep their own meaning above.
+        raise ProviderUnavailable("the mail server cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -93,14 +93,6 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
-
-
-def check_plaintext(server: MailServer, allowed: bool, field: str) -> None:
-    if server.security is TransportSecurity.PLAINTEXT and not allowed:
-        raise InvalidArgument(
-            "plaintext connections are not allowed by this broker's configuration",
-            reason="PLAINTEXT_NOT_ALLOWED",
-        )
 
 
 def open_imap(server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float) -> IMAPClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import smtplib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,8 +25,8 @@ from server.domain.mail import (
     MessageView,
     SendResult,
 )
-from server.domain.models import AccountProfile
-from server.errors import CursorExpired, FailedPrecondition, NotFound
+from server.domain.models import AccountProfile, TransportSecurity
+from server.errors import CursorExpired, FailedPrecondition, NotFound, OutcomeUnknown
 from server.providers import mime
 from server.providers.base import ATTACHMENT_CHUNK_BYTES, DriverCapabilities
 from server.providers.imap import ids
@@ -59,6 +60,8 @@ UNSELECTABLE = {b"\\noselect", b"\\nonexistent"}
 SYSTEM_FLAGS = {b"\\seen", b"\\flagged", b"\\answered", b"\\draft", b"\\deleted", b"\\recent"}
 LIST_HEADERS = b"BODY.PEEK[HEADER.FIELDS (FROM TO CC BCC REPLY-TO SUBJECT DATE MESSAGE-ID)]"
 SUMMARY_ITEMS = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", LIST_HEADERS]
+MAX_BODY_BYTES = 12 * 1024 * 1024  # text + HTML in a FULL view, encoded; under the 16 MiB response limit
+SUMMARY_BATCH = 500  # UIDs per FETCH: a feed catching up on thousands of changes stays under command-line limits
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
 _ESEARCH_COUNT = re.compile(rb"\bCOUNT (\d+)")
 
@@ -97,6 +100,12 @@ class ImapDriver:
     ) -> None:
         if profile.imap_server is None:
             raise FailedPrecondition("the account has no IMAP server", reason="ACCOUNT_MISCONFIGURED")
+        servers = (profile.imap_server, profile.smtp_server)
+        if not settings.allow_plaintext and any(s and s.security is TransportSecurity.PLAINTEXT for s in servers):
+            # Checked on every use, not only at connection time: turning the setting off stops existing accounts.
+            raise FailedPrecondition(
+                "plaintext connections are not allowed by this broker's configuration", reason="PLAINTEXT_NOT_ALLOWED"
+            )
         self._profile = profile
         self._credentials = credentials
         self._blocking = blocking
@@ -193,10 +202,19 @@ class ImapDriver:
         smtp_server = self._profile.smtp_server
 
         def submit() -> None:
+            # Until the server answers the message, an error means it was not sent; an explicit refusal
+            # (recipients, sender, data) too. A connection lost or a timeout mid-transaction leaves it unknown.
             session = open_smtp(smtp_server, self._credentials, self._tls, self._settings.timeout_seconds)
             try:
                 with provider_errors():
-                    session.sendmail(envelope_from, list(built.envelope_recipients), built.raw)
+                    try:
+                        session.sendmail(envelope_from, list(built.envelope_recipients), built.raw)
+                    except smtplib.SMTPServerDisconnected as exc:
+                        raise OutcomeUnknown() from exc
+                    except smtplib.SMTPException:
+                        raise  # the server refused: nothing was sent
+                    except OSError as exc:  # a timeout or a reset mid-transaction
+                        raise OutcomeUnknown() from exc
             finally:
                 close_smtp(session)
 
@@ -229,11 +247,13 @@ class ImapDriver:
             _select(session, folder, fresh=True)
             if session.uidvalidity != uidvalidity:
                 return {}
-            rows = session.client.fetch(list(uids), SUMMARY_ITEMS)
-            return {
-                uid: _summary(folder, uidvalidity, uid, data, MessageView.METADATA, with_headers=False)
-                for uid, data in rows.items()
-            }
+            found: dict[int, Message] = {}
+            wanted = list(uids)
+            for start in range(0, len(wanted), SUMMARY_BATCH):
+                rows = session.client.fetch(wanted[start : start + SUMMARY_BATCH], SUMMARY_ITEMS)
+                for uid, data in rows.items():
+                    found[uid] = _summary(folder, uidvalidity, uid, data, MessageView.METADATA, with_headers=False)
+            return found
 
         return await self._pool.run(fetch)
 
@@ -375,6 +395,10 @@ def _get_message(session: ImapSession, ref: ids.MessageRef, view: MessageView) -
     parts = parts_from_bodystructure(data.get(b"BODYSTRUCTURE"))
     text_part, html_part = text_sections(parts)
     wanted = [p for p in (text_part, html_part) if p is not None]
+    if sum(p.size_bytes for p in wanted) > MAX_BODY_BYTES:
+        raise FailedPrecondition(
+            "the message's text is too large for one response; fetch it as an attachment", reason="BODY_TOO_LARGE"
+        )
     bodies: dict[str, str] = {}
     if wanted:
         fetched = client.fetch([ref.uid], [f"BODY.PEEK[{p.section}]".encode() for p in wanted]).get(ref.uid, {})

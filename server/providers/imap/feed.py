@@ -21,7 +21,7 @@ from server.domain.mail import (
     ResyncReason,
     ResyncRequired,
 )
-from server.errors import FailedPrecondition, ProviderUnavailable, Unauthenticated
+from server.errors import BrokerError, FailedPrecondition, NotFound, Unauthenticated
 from server.providers.imap import ids
 from server.providers.imap.aioimap import AsyncImap, Changes, Examined
 
@@ -45,6 +45,7 @@ class FolderWatcher(UpstreamBase):
     def __init__(self, folder: str, connect: Connect, summaries: Summaries) -> None:
         super().__init__()
         self.folder = folder
+        self.folder_id = ids.folder_id(folder)
         self._connect = connect
         self._summaries = summaries
         self._state: Examined | None = None
@@ -70,10 +71,11 @@ class FolderWatcher(UpstreamBase):
                     lines = await connection.idle(IDLE_REFRESH_SECONDS, self._wake)
                     if lines:
                         await self._poll(connection)
-            except (Unauthenticated, FailedPrecondition) as exc:
+            except (Unauthenticated, FailedPrecondition, NotFound) as exc:
+                # The credential was refused, the server cannot do feeds, or the folder is gone: final.
                 self.end_all(exc)
                 return
-            except ProviderUnavailable as exc:
+            except BrokerError as exc:
                 if self._state is None:
                     # Never connected: tell the subscribers now rather than keep them waiting for a server that
                     # may not be there. Once a feed is up, outages are retried and caught up on instead.
@@ -123,8 +125,7 @@ class FolderWatcher(UpstreamBase):
             events: list[FeedEvent] = []
             if cursor is not None:
                 events = await self._catch_up(connection, cursor)
-            for event in events:
-                subscriber.deliver(event)
+            subscriber.deliver_all(events, self.folder_id)
             if not subscriber.start.done():
                 subscriber.start.set_result(self._cursor())
             self.subscribers.add(subscriber)
@@ -144,8 +145,10 @@ class FolderWatcher(UpstreamBase):
         if modseq >= self._state.highestmodseq:
             return []
         changes = await connection.changes_since(modseq)
-        # Only up to what the live subscribers have seen; anything newer reaches this one with the next poll.
+        # Only up to what the live subscribers have seen; anything newer reaches this one with the next poll,
+        # so no cursor handed out here may point past it either.
         changes.fetched = [c for c in changes.fetched if c[1] <= self._state.highestmodseq]
+        changes.highestmodseq = min(changes.highestmodseq, self._state.highestmodseq)
         return await self._events(changes, uidnext, modseq)
 
     async def _poll(self, connection: AsyncImap) -> None:
@@ -178,11 +181,13 @@ class FolderWatcher(UpstreamBase):
             return {"v": uidvalidity, **position}
 
         def add_deletions() -> None:
+            # Every deletion but the last keeps the cursor from before the group: a stream cut in the middle of
+            # it resumes from there and gets the whole group again, rather than losing its tail.
+            before = cursor()
             position["m"] = max(position["m"], changes.highestmodseq)
-            events.extend(
-                FeedEvent(MessageDeleted(ids.MessageRef(self.folder, uidvalidity, uid).id()), cursor(), now)
-                for uid in deletions
-            )
+            for index, uid in enumerate(deletions):
+                at = cursor() if index == len(deletions) - 1 else before
+                events.append(FeedEvent(MessageDeleted(ids.MessageRef(self.folder, uidvalidity, uid).id()), at, now))
             deletions.clear()
 
         for uid, uid_modseq, _ in fetched:

@@ -38,9 +38,12 @@ def folder_id(name: str) -> str:
 
 def folder_name(folder: str, field: str = "folder") -> str:
     try:
-        return _decode(folder).decode("utf-8")
+        name = _decode(folder).decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise _bad(field, "folder") from None
+    if folder_id(name) != folder:  # one folder, one id: base64 decoding alone would accept variants
+        raise _bad(field, "folder")
+    return name
 
 
 @dataclass(frozen=True)

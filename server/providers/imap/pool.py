@@ -7,8 +7,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -57,6 +56,7 @@ class ImapPool:
         self._backoff = backoff
         self._backoff_cap = backoff_cap
         self._closed = False
+        self._retiring: set[asyncio.Task[None]] = set()
         self.opened = 0  # connections opened over the pool's life (for tests and metrics)
 
     @property
@@ -88,42 +88,59 @@ class ImapPool:
             return False
         return True
 
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[ImapSession]:
-        """A live connection for the duration of the block; discarded if the block loses the connection."""
-        if self._closed:
-            raise ProviderUnavailable("the account's connections are closed", reason="ACCOUNT_CLOSED")
-        async with self._slots:
-            session = None
-            while self._idle and session is None:
-                candidate = self._idle.pop()
-                if await self._healthy(candidate):
-                    session = candidate
-                else:
-                    await self._discard(candidate)
-            if session is None:
-                session = await self._open()
-            broken = True
-            try:
-                yield session
-                broken = False
-            except ProviderUnavailable:
-                raise
-            except BaseException:
-                # A failure that is not about the connection (bad input, not found) leaves it usable.
-                broken = False
-                raise
-            finally:
-                session.last_used = time.monotonic()
-                if broken or self._closed:
-                    await self._discard(session)
-                else:
-                    self._idle.append(session)
+    async def _checkout(self) -> ImapSession:
+        while self._idle:
+            candidate = self._idle.pop()
+            if await self._healthy(candidate):
+                return candidate
+            await self._discard(candidate)
+        return await self._open()
 
     async def run(self, fn: Callable[[ImapSession], T]) -> T:
-        """Run ``fn(session)`` in a worker thread on a pooled connection, mapping provider errors."""
-        async with self.session() as session:
-            return await self._blocking.run(_guarded, fn, session)
+        """Run ``fn(session)`` in a worker thread on a pooled connection, mapping provider errors.
+
+        The connection goes back to the pool only when ``fn`` has finished with it. If the caller is cancelled
+        (a deadline, a client gone), the worker thread still holds the connection: it is discarded, and its slot
+        freed, once that thread is done, so no two threads ever share an IMAP connection.
+        """
+        if self._closed:
+            raise ProviderUnavailable("the account's connections are closed", reason="ACCOUNT_CLOSED")
+        await self._slots.acquire()
+        try:
+            session = await self._checkout()
+        except BaseException:
+            self._slots.release()
+            raise
+        work = asyncio.ensure_future(self._blocking.run(_guarded, fn, session))
+        try:
+            result = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(lambda _: self._retire_later(session))
+            raise
+        except ProviderUnavailable:
+            await self._release(session, broken=True)
+            raise
+        except BaseException:
+            # A failure that is not about the connection (bad input, not found) leaves it usable.
+            await self._release(session, broken=False)
+            raise
+        await self._release(session, broken=False)
+        return result
+
+    async def _release(self, session: ImapSession, *, broken: bool) -> None:
+        session.last_used = time.monotonic()
+        try:
+            if broken or self._closed:
+                await self._discard(session)
+            else:
+                self._idle.append(session)
+        finally:
+            self._slots.release()
+
+    def _retire_later(self, session: ImapSession) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(session, broken=True))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _discard(self, session: ImapSession) -> None:
         await self._blocking.run(close_imap, session.client)
