@@ -323,3 +323,14 @@ async def test_an_unexpected_error_is_a_generic_internal_with_a_safe_logged_trac
     access = [r for r in records if r.get("msg") == "rpc"]
     assert access[-1]["status"] == "INTERNAL"
     assert access[-1]["caller"] == broker.pki.alice.identity
+
+
+@pytest.mark.parametrize("query", ["{99+}", 'a" OR "b', "x)", "tab\there", "a" * 513])
+async def test_queries_that_could_escape_into_provider_syntax_are_refused(broker: RunningBroker, query: str) -> None:
+    account = seed_account(broker.store(), broker.pki.alice.identity)
+    async with broker.channel(broker.pki.alice) as channel:
+        _, mail = stubs(channel)
+        error = await _fails(
+            mail.ListMessages(mpb.ListMessagesRequest(parent=f"accounts/{account.id}", query=query), timeout=5)
+        )
+    assert (error.code(), error_reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUERY")
