@@ -152,3 +152,26 @@ async def test_work_runs_off_the_event_loop_thread(blocking: BlockingPool) -> No
     thread = await pool.run(lambda s: threading.get_ident())
     assert thread != loop_thread
     await pool.close()
+
+
+async def test_a_cancelled_call_never_lends_its_busy_connection_to_another(blocking: BlockingPool) -> None:
+    connector = Connector()
+    pool = ImapPool(connector, blocking, size=1)
+    release = threading.Event()
+    seen: list[int] = []
+
+    def slow(session: ImapSession) -> None:
+        seen.append(id(session.client))
+        release.wait(5)
+
+    first = asyncio.ensure_future(pool.run(slow))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    second = asyncio.ensure_future(pool.run(lambda s: seen.append(id(s.client))))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # the slot stays taken while the cancelled call's thread still runs
+    release.set()
+    await second
+    assert seen[0] != seen[1]  # the busy connection was retired, not handed over
+    assert connector.made[0].logged_out
+    await pool.close()
