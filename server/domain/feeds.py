@@ -248,7 +248,8 @@ class FolderListWatcher(UpstreamBase):
             self._admit()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                async with asyncio.timeout(self._interval):  # not wait_for: see aioimap._readline
+                    await self._wake.wait()
 
     async def _poll(self) -> None:
         current = {folder.id: folder for folder in await self._list_folders()}

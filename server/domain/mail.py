@@ -6,6 +6,26 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from server.errors import FieldViolation, InvalidArgument
+
+MAX_QUERY_CHARS = 512
+QUERY_FORBIDDEN = frozenset('{}()"\\')
+
+
+def check_query(query: str) -> None:
+    """Refuse a search query that is too long or could escape into the provider's own syntax (an IMAP SEARCH
+    atom, Gmail ``q``, Graph ``$search``): characters that open a literal, a group or a quoted string, or any
+    control character. The domain checks it for callers; drivers check it again for themselves."""
+    problem = ""
+    if len(query) > MAX_QUERY_CHARS:
+        problem = f"at most {MAX_QUERY_CHARS} characters"
+    elif any(c in query for c in QUERY_FORBIDDEN) or not query.isprintable():
+        problem = "printable characters, none of " + " ".join(sorted(QUERY_FORBIDDEN))
+    if problem:
+        raise InvalidArgument(
+            f"query must have {problem}", reason="INVALID_QUERY", field_violations=[FieldViolation("query", problem)]
+        )
+
 
 class FolderRole(enum.Enum):
     INBOX = "inbox"

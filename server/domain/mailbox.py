@@ -26,6 +26,7 @@ from server.domain.mail import (
     MessageView,
     OutgoingMessage,
     SendResult,
+    check_query,
 )
 from server.domain.models import Capability
 from server.domain.principal import Principal
@@ -35,25 +36,9 @@ from server.store.repository import Store
 
 FOLDERS = paging.PageLimits(default=100, maximum=1000)
 MESSAGES = paging.PageLimits(default=50, maximum=500)
-MAX_QUERY_CHARS = 512
-QUERY_FORBIDDEN = frozenset('{}()"\\')
 MAX_REQUEST_ID_CHARS = 64
 MAX_WATCHED_FOLDERS = 20
 FOLDER_LIST = "*folders"  # the feed key of an account's folder list (folder ids never contain "*")
-
-
-def _check_query(query: str) -> None:
-    problem = ""
-    if len(query) > MAX_QUERY_CHARS:
-        problem = f"at most {MAX_QUERY_CHARS} characters"
-    elif any(c in query for c in QUERY_FORBIDDEN) or not query.isprintable():
-        # The query reaches the provider's own syntax (an IMAP SEARCH atom, Gmail q, Graph $search): characters
-        # that could open a literal, a group or a quoted string there are refused outright.
-        problem = "printable characters, none of " + " ".join(sorted(QUERY_FORBIDDEN))
-    if problem:
-        raise InvalidArgument(
-            f"query must have {problem}", reason="INVALID_QUERY", field_violations=[FieldViolation("query", problem)]
-        )
 
 
 def _fingerprint(message: OutgoingMessage) -> str:
@@ -114,7 +99,7 @@ class Mailboxes:
         page_token: str,
     ) -> tuple[list[Message], str]:
         if query:
-            _check_query(query)
+            check_query(query)
         account = await self._accounts.require(principal, account_id, Capability.READ if query else Capability.METADATA)
         size = paging.page_size(page_size, MESSAGES)
         binding = [principal.tenant, account_id, folder_id or "", query]

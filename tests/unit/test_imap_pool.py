@@ -92,8 +92,10 @@ async def test_concurrency_is_bounded_by_the_pool_size(blocking: BlockingPool) -
 async def test_a_lost_connection_is_replaced_and_other_errors_keep_it(blocking: BlockingPool) -> None:
     connector = Connector()
     pool = ImapPool(connector, blocking, size=1)
+    attempts: list[int] = []
 
     def lose(session: ImapSession) -> None:
+        attempts.append(id(session.client))
         raise ConnectionLost()
 
     def missing(session: ImapSession) -> None:
@@ -104,10 +106,17 @@ async def test_a_lost_connection_is_replaced_and_other_errors_keep_it(blocking: 
     assert pool.idle == 1
     with pytest.raises(ConnectionLost):
         await pool.run(lose)
+    # Retried once, on a fresh connection; both lost connections were discarded.
+    assert len(attempts) == 2
+    assert attempts[0] != attempts[1]
     assert pool.idle == 0
     assert connector.made[0].logged_out
+    assert connector.made[1].logged_out
     await pool.run(lambda s: None)
-    assert len(connector.made) == 2
+    assert len(connector.made) == 3
+    with pytest.raises(ConnectionLost):
+        await pool.run(lose, retry_lost=False)
+    assert len(attempts) == 3
     await pool.close()
 
 

@@ -81,6 +81,7 @@ class AsyncImap:
         self._tag = 0
         self.capabilities: set[bytes] = set()
         self._mailbox = b""
+        self._idling = False
 
     @classmethod
     async def connect(
@@ -88,10 +89,10 @@ class AsyncImap:
     ) -> AsyncImap:
         try:
             implicit = server.security is TransportSecurity.IMPLICIT_TLS
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(server.host, server.port, ssl=tls if implicit else None, limit=MAX_LINE),
-                timeout,
-            )
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    server.host, server.port, ssl=tls if implicit else None, limit=MAX_LINE
+                )
         except ssl.SSLCertVerificationError as exc:
             raise FailedPrecondition(
                 "the mail server's TLS certificate could not be verified", reason="PROVIDER_TLS_UNTRUSTED"
@@ -109,7 +110,8 @@ class AsyncImap:
                     raise ProviderUnavailable(
                         "the mail server sent data after STARTTLS in plaintext", reason="PROVIDER_PROTOCOL_ERROR"
                     )
-                await asyncio.wait_for(writer.start_tls(tls, server_hostname=server.host), timeout)
+                async with asyncio.timeout(timeout):
+                    await writer.start_tls(tls, server_hostname=server.host)
             await client._login(credentials)
             await client._refresh_capabilities()
         except BaseException:
@@ -120,15 +122,19 @@ class AsyncImap:
     async def _readline(self, timeout: float | None = None) -> bytes:
         """One response line, with any literals it announces folded in."""
         try:
-            line = await asyncio.wait_for(self._reader.readuntil(b"\r\n"), timeout or self._timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as the
+            # read completes, and a watcher told to stop would carry on.
+            async with asyncio.timeout(timeout or self._timeout):
+                line = await self._reader.readuntil(b"\r\n")
             while (match := _LITERAL.search(line)) is not None:
                 size = int(match.group(1))
                 if size > MAX_LINE:
                     raise ProviderUnavailable(
                         "the mail server sent an oversized literal", reason="PROVIDER_PROTOCOL_ERROR"
                     )
-                literal = await asyncio.wait_for(self._reader.readexactly(size), self._timeout)
-                line = line + literal + await asyncio.wait_for(self._reader.readuntil(b"\r\n"), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    literal = await self._reader.readexactly(size)
+                    line = line + literal + await self._reader.readuntil(b"\r\n")
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -153,7 +159,8 @@ class AsyncImap:
     async def _send(self, data: bytes) -> None:
         try:
             self._writer.write(data)
-            await asyncio.wait_for(self._writer.drain(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await self._writer.drain()
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             raise ConnectionLost() from exc
 
@@ -182,7 +189,7 @@ class AsyncImap:
     def _tagged_failure(line: bytes) -> list[bytes]:
         if b"AUTHENTICATIONFAILED" in line:
             raise Unauthenticated("the mail server refused the credentials", reason="PROVIDER_AUTH_FAILED")
-        if b"NONEXISTENT" in line:
+        if b"NONEXISTENT" in line or b"doesn't exist" in line.lower():  # Dovecot omits the code on EXAMINE
             raise NotFound("folder not found", reason="FOLDER_NOT_FOUND")
         raise ProviderUnavailable("the mail server answered with an error", reason="PROVIDER_ERROR")
 
@@ -248,6 +255,7 @@ class AsyncImap:
         Returns the untagged lines received (EXISTS, EXPUNGE, VANISHED, FETCH)."""
         tag = self._next_tag()
         await self._send(tag + b" IDLE\r\n")
+        self._idling = True
         seen: list[bytes] = []
         while True:
             line = await self._readline()
@@ -271,6 +279,7 @@ class AsyncImap:
             if not reader.cancelled():
                 seen.append(reader.result())
         await self._send(b"DONE\r\n")
+        self._idling = False
         while True:
             line = await self._readline()
             if line.startswith(tag + b" "):
@@ -281,15 +290,18 @@ class AsyncImap:
         """LOGOUT and wait (briefly) for the server's goodbye before closing, so TLS shuts down cleanly."""
         try:
             if not self._writer.is_closing():
-                self._writer.write(b"Z LOGOUT\r\n")
-                await asyncio.wait_for(self._drain_until(b"Z "), 2)
+                # An IDLE cut short by a cancellation is still open on the server: end it, or LOGOUT is ignored.
+                self._writer.write((b"DONE\r\n" if self._idling else b"") + b"Z LOGOUT\r\n")
+                async with asyncio.timeout(2):
+                    await self._drain_until(b"Z ")
         except (OSError, TimeoutError, ssl.SSLError, ConnectionLost, ProviderUnavailable):
             pass
         finally:
             # Even when cancelled mid-goodbye: the socket must not outlive the watcher.
             self._writer.close()
         with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
-            await asyncio.wait_for(self._writer.wait_closed(), 2)
+            async with asyncio.timeout(2):
+                await self._writer.wait_closed()
 
     async def _drain_until(self, prefix: bytes) -> None:
         while True:

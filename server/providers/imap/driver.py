@@ -24,6 +24,7 @@ from server.domain.mail import (
     MessagePage,
     MessageView,
     SendResult,
+    check_query,
 )
 from server.domain.models import AccountProfile, TransportSecurity
 from server.errors import CursorExpired, FailedPrecondition, NotFound, OutcomeUnknown
@@ -163,6 +164,8 @@ class ImapDriver:
         self, folder_id: str | None, query: str | None, page_size: int, cursor: dict[str, object] | None
     ) -> MessagePage:
         folder = ids.folder_name(folder_id) if folder_id else "INBOX"
+        if query:
+            check_query(query)
         return await self._pool.run(lambda s: _list_messages(s, folder, query, page_size, cursor))
 
     async def get_message(self, message_id: str, view: MessageView) -> Message:
@@ -174,15 +177,23 @@ class ImapDriver:
         section = ids.part_section(attachment_id)
         part = await self._pool.run(lambda s: _find_part(s, ref, section))
         decoder = mime.make_decoder(part.encoding)
+        # BODYSTRUCTURE gives the part's encoded size, which is what partial fetches count: a range that comes
+        # back short of it means the message went away mid-stream, and the stream must fail, not end early.
+        expected = part.size_bytes
         fetched = 0
         offset = 0
         first = True
         while True:
-            raw = await self._pool.run(
-                lambda s, start=fetched: _fetch_range(s, ref, section, start, ATTACHMENT_CHUNK_BYTES)  # type: ignore[misc]
-            )
+            wanted = min(ATTACHMENT_CHUNK_BYTES, expected - fetched)
+            raw = b""
+            if wanted > 0:
+                raw = await self._pool.run(
+                    lambda s, start=fetched, size=wanted: _fetch_range(s, ref, section, start, size)  # type: ignore[misc]
+                )
+                if len(raw) < wanted:
+                    raise NotFound("the message changed while it was being read", reason="MESSAGE_NOT_FOUND")
             fetched += len(raw)
-            done = len(raw) < ATTACHMENT_CHUNK_BYTES
+            done = fetched >= expected
             data = decoder.feed(raw) + (decoder.finish() if done else b"")
             for begin in range(0, len(data), ATTACHMENT_CHUNK_BYTES):
                 piece = data[begin : begin + ATTACHMENT_CHUNK_BYTES]
@@ -222,7 +233,7 @@ class ImapDriver:
         sent_at = datetime.now(UTC)
         copy_id = ""
         try:
-            copy_id = await self._pool.run(lambda s: _append_sent(s, built.raw))
+            copy_id = await self._pool.run(lambda s: _append_sent(s, built.raw), retry_lost=False)
         except Exception:  # the message is sent; failing to file a copy must not make the caller send it again
             log.warning("sent copy not filed", exc_info=True, extra={"component": "imap"})
         return SendResult(internet_message_id=built.internet_message_id, send_time=sent_at, message_id=copy_id)
@@ -266,6 +277,9 @@ class ImapDriver:
 
 def _select(session: ImapSession, folder: str, *, fresh: bool = False) -> None:
     if session.selected == (folder, True) and not fresh:
+        # Already selected: a NOOP (cheaper than a new EXAMINE) lets the server tell this session of expunges
+        # made by others, so a message deleted meanwhile is not read from the session's stale view.
+        session.client.noop()
         return
     client = session.client
     try:
@@ -375,7 +389,10 @@ def _summary(
 
 
 def _check_uidvalidity(session: ImapSession, ref: ids.MessageRef) -> None:
-    _select(session, ref.folder)
+    try:
+        _select(session, ref.folder)
+    except NotFound as exc:  # the resource asked for is the message: its folder being gone is a detail
+        raise NotFound("message not found", reason="MESSAGE_NOT_FOUND") from exc
     if session.uidvalidity != ref.uidvalidity:
         raise NotFound("message not found", reason="MESSAGE_NOT_FOUND")
 

@@ -15,7 +15,7 @@ from imapclient import IMAPClient
 
 from server.domain.blocking import BlockingPool
 from server.errors import ProviderUnavailable
-from server.providers.imap.connection import close_imap, provider_errors
+from server.providers.imap.connection import ConnectionLost, close_imap, provider_errors
 
 log = logging.getLogger("mailbroker.imap.pool")
 
@@ -96,13 +96,23 @@ class ImapPool:
             await self._discard(candidate)
         return await self._open()
 
-    async def run(self, fn: Callable[[ImapSession], T]) -> T:
+    async def run(self, fn: Callable[[ImapSession], T], *, retry_lost: bool = True) -> T:
         """Run ``fn(session)`` in a worker thread on a pooled connection, mapping provider errors.
 
         The connection goes back to the pool only when ``fn`` has finished with it. If the caller is cancelled
         (a deadline, a client gone), the worker thread still holds the connection: it is discarded, and its slot
         freed, once that thread is done, so no two threads ever share an IMAP connection.
         """
+        try:
+            return await self._run_once(fn)
+        except ConnectionLost:
+            # A pooled connection can die between uses (a server restart, an idle timeout, a folder deleted
+            # under it); one retry on a fresh connection hides that. Not for operations that must not repeat.
+            if not retry_lost:
+                raise
+            return await self._run_once(fn)
+
+    async def _run_once(self, fn: Callable[[ImapSession], T]) -> T:
         if self._closed:
             raise ProviderUnavailable("the account's connections are closed", reason="ACCOUNT_CLOSED")
         await self._slots.acquire()
