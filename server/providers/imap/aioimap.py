@@ -189,7 +189,8 @@ class AsyncImap:
     def _tagged_failure(line: bytes) -> list[bytes]:
         if b"AUTHENTICATIONFAILED" in line:
             raise Unauthenticated("the mail server refused the credentials", reason="PROVIDER_AUTH_FAILED")
-        if b"NONEXISTENT" in line or b"doesn't exist" in line.lower():  # Dovecot omits the code on EXAMINE
+        # Dovecot omits the code on EXAMINE; "[CANNOT]" or "not valid" is a name no folder can have.
+        if any(mark in line.lower() for mark in (b"nonexistent", b"doesn't exist", b"[cannot]", b"not valid")):
             raise NotFound("folder not found", reason="FOLDER_NOT_FOUND")
         raise ProviderUnavailable("the mail server answered with an error", reason="PROVIDER_ERROR")
 

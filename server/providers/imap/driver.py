@@ -286,7 +286,8 @@ def _select(session: ImapSession, folder: str, *, fresh: bool = False) -> None:
         info = client.select_folder(folder, readonly=True)
     except IMAPClientError as exc:
         text = str(exc).upper()
-        if "NONEXISTENT" in text or "DOESN'T EXIST" in text or "NOT EXIST" in text:
+        # Missing, or a name the server cannot have at all ("[CANNOT]", "not valid mUTF-7"): no such folder.
+        if any(mark in text for mark in ("NONEXISTENT", "DOESN'T EXIST", "NOT EXIST", "[CANNOT]", "NOT VALID")):
             session.selected = None
             raise NotFound("folder not found", reason="FOLDER_NOT_FOUND") from exc
         raise

@@ -43,7 +43,17 @@ def folder_name(folder: str, field: str = "folder") -> str:
         raise _bad(field, "folder") from None
     if folder_id(name) != folder:  # one folder, one id: base64 decoding alone would accept variants
         raise _bad(field, "folder")
+    if not _plausible_folder(name):
+        raise _bad(field, "folder")
     return name
+
+
+MAX_FOLDER_CHARS = 1000
+
+
+def _plausible_folder(name: str) -> bool:
+    """No server has a folder with control characters or a thousand-character name: refuse those here."""
+    return bool(name) and len(name) <= MAX_FOLDER_CHARS and name.isprintable()
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ def message_ref(message: str, field: str = "name") -> MessageRef:
         folder = raw[_MESSAGE.size :].decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError, struct.error):
         raise _bad(field, "message") from None
-    if not folder or uid == 0:
+    if not _plausible_folder(folder) or uid == 0:
         raise _bad(field, "message")
     return MessageRef(folder, uidvalidity, uid)
 

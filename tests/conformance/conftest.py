@@ -1,0 +1,60 @@
+"""Fixtures of the conformance suite: ``backend`` runs every test once per provider backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from server.domain.feeds import FeedHub
+from tests.conformance.backends import Backend, ImapBackend
+from tests.mailserver.fixtures import mail_servers  # noqa: F401 - a fixture, found by name
+
+# Backend name -> how to make one from the test's request. Session-scoped servers are asked for here, lazily, so a
+# run that selects one backend (``-k imap``) starts only that provider's environment.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "imap": lambda request: ImapBackend(request.getfixturevalue("mail_servers")),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    made = BACKENDS[request.param](request)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+HUB_CLOSE_SECONDS = 30.0
+
+
+@pytest.fixture
+async def feed_hub(backend: Backend) -> AsyncIterator[FeedHub]:
+    """A feed hub, closed (every watcher stopped, its connection closed) before the backend's drivers."""
+    hub = FeedHub()
+    try:
+        yield hub
+    finally:
+        await _close(hub)
+
+
+async def _close(hub: FeedHub) -> None:
+    """``hub.close()``, made to finish even when a watcher misses its cancellation.
+
+    A watcher can lose a cancel (test_feeds.py checks that it does not); hub.close() would then wait for it forever
+    and hang the run. Cleaning up is not what the other tests check, so the watcher tasks (FeedHub._tasks, which
+    exists to let close() wait for them) are cancelled again until they are gone.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HUB_CLOSE_SECONDS
+    closing = asyncio.ensure_future(hub.close())
+    while not closing.done():
+        await asyncio.wait({closing}, timeout=0.2)
+        if loop.time() > deadline:
+            closing.cancel()
+            raise TimeoutError("the feed hub's watchers did not stop")
+        for task in list(hub._tasks):
+            task.cancel()
+    closing.result()
