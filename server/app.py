@@ -42,7 +42,7 @@ from server.store.repository import Store
 
 log = logging.getLogger("mailbroker.app")
 
-STORE_THREADS = 8
+STORE_THREADS = 4  # SQLite serialises writers anyway; PostgreSQL may want more (a setting when it lands)
 
 SERVICE_NAMES = (
     account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
