@@ -277,9 +277,14 @@ class ImapDriver:
 
 def _select(session: ImapSession, folder: str, *, fresh: bool = False) -> None:
     if session.selected == (folder, True) and not fresh:
-        # Already selected: a NOOP (cheaper than a new EXAMINE) lets the server tell this session of expunges
-        # made by others, so a message deleted meanwhile is not read from the session's stale view.
-        session.client.noop()
+        # Already selected: a NOOP (far cheaper than a new EXAMINE of a large folder) lets the server tell this
+        # session of messages added and expunged by others, so nothing is read from a stale view.
+        _, updates = session.client.noop()
+        for update in updates:
+            if len(update) >= 2 and update[1] == b"EXISTS":
+                session.exists = int(update[0])
+            elif len(update) >= 2 and update[1] == b"EXPUNGE":
+                session.exists = max(0, session.exists - 1)
         return
     client = session.client
     try:
@@ -325,7 +330,7 @@ def _list_messages(
     session: ImapSession, folder: str, query: str | None, page_size: int, cursor: dict[str, object] | None
 ) -> MessagePage:
     client = session.client
-    _select(session, folder, fresh=True)
+    _select(session, folder)
     if cursor is not None and cursor.get("v") != session.uidvalidity:
         raise CursorExpired("the folder was reset; list it again from the start", reason="PAGE_TOKEN_EXPIRED")
     below = int(cursor["below"]) if cursor is not None else None  # type: ignore[call-overload]
