@@ -29,6 +29,9 @@ _MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
 _FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _VANISHED = re.compile(rb"^\* VANISHED (?:\(EARLIER\) )?([0-9:,]+)")
 _STATUS_MODSEQ = re.compile(rb"HIGHESTMODSEQ (\d+)")
+# Changes the server reports on its own initiative during any command. Once reported, it will not repeat them in
+# the next IDLE, so a watcher that saw one must look again before idling (else the change waits for the next one).
+_UNSOLICITED = re.compile(rb"^\* (?:\d+ (?:EXISTS|EXPUNGE|RECENT)|VANISHED (?!\(EARLIER\)))")
 _EXISTS = re.compile(rb"^\* (\d+) EXISTS")
 _EXPUNGE = re.compile(rb"^\* (\d+) EXPUNGE")
 
@@ -82,6 +85,7 @@ class AsyncImap:
         self.capabilities: set[bytes] = set()
         self._mailbox = b""
         self._idling = False
+        self.unsolicited = False  # a change was reported during a command (see _UNSOLICITED)
 
     @classmethod
     async def connect(
@@ -183,6 +187,8 @@ class AsyncImap:
                 if status.startswith(b"OK"):
                     return untagged
                 return self._tagged_failure(line)
+            if _UNSOLICITED.match(line):
+                self.unsolicited = True
             untagged.append(line)
 
     @staticmethod

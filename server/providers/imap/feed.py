@@ -152,14 +152,19 @@ class FolderWatcher(UpstreamBase):
         return await self._events(changes, uidnext, modseq)
 
     async def _poll(self, connection: AsyncImap) -> None:
+        """Deliver everything changed since the last poll; again while the server reported more meanwhile."""
         assert self._state is not None
-        changes = await connection.changes_since(self._state.highestmodseq)
-        events = await self._events(changes, self._state.uidnext, self._state.highestmodseq)
-        if events:
-            last = events[-1].cursor
-            self._state.highestmodseq = max(self._state.highestmodseq, int(last["m"]))  # type: ignore[call-overload]
-            self._state.uidnext = max(self._state.uidnext, int(last["n"]))  # type: ignore[call-overload]
-        self._broadcast(events)
+        while True:
+            connection.unsolicited = False
+            changes = await connection.changes_since(self._state.highestmodseq)
+            events = await self._events(changes, self._state.uidnext, self._state.highestmodseq)
+            if events:
+                last = events[-1].cursor
+                self._state.highestmodseq = max(self._state.highestmodseq, int(last["m"]))  # type: ignore[call-overload]
+                self._state.uidnext = max(self._state.uidnext, int(last["n"]))  # type: ignore[call-overload]
+            self._broadcast(events)
+            if not connection.unsolicited:
+                return
 
     async def _events(self, changes: Changes, uidnext: int, modseq: int) -> list[FeedEvent]:
         """Events in MODSEQ order, each with the cursor just after it.
