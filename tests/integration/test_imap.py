@@ -361,22 +361,28 @@ async def _next_event(stream: Any, kind: str) -> Any:
             return event
 
 
+async def _live_feed(channel: grpc.aio.Channel, servers: MailServers, box: Mailbox) -> tuple[Any, Any, Any]:
+    """Connect ``box`` and open a WatchMailbox on it; returns once an event has shown the feed is live."""
+    accounts, mail = stubs(channel)
+    account = await accounts.ConnectImapAccount(connect_request(servers, box), timeout=20)
+    stream = mail.WatchMailbox(
+        mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
+        timeout=30,
+    )
+    await asyncio.sleep(0.3)
+    servers.deliver(box.address, sample("one", to=box.address))
+    first = await _next_event(stream, "message_added")
+    assert first.resume_token
+    return accounts, account, stream
+
+
 async def test_erasure_ends_open_feeds(
     broker: RunningBroker,
     mail_servers: MailServers,
     mailbox: Mailbox,
 ) -> None:
     async with broker.channel(broker.pki.alice) as channel:
-        accounts, mail = stubs(channel)
-        account = await accounts.ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=20)
-        stream = mail.WatchMailbox(
-            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
-            timeout=30,
-        )
-        await asyncio.sleep(0.3)
-        mail_servers.deliver(mailbox.address, sample("one", to=mailbox.address))
-        first = await asyncio.wait_for(stream.read(), 10)  # the feed is up
-        assert first.WhichOneof("event") == "message_added"
+        accounts, account, stream = await _live_feed(channel, mail_servers, mailbox)
         receipt = await accounts.DeleteAccount(apb.DeleteAccountRequest(name=account.name), timeout=10)
         assert receipt.steps[1].kind == rpb.ERASURE_STEP_KIND_STOP_WATCHES
         error = await _fails(stream.read())
@@ -389,16 +395,7 @@ async def test_shutdown_ends_open_feeds_with_unavailable_so_clients_resume_elsew
     mailbox: Mailbox,
 ) -> None:
     async with broker.channel(broker.pki.alice) as channel:
-        accounts, mail = stubs(channel)
-        account = await accounts.ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=20)
-        stream = mail.WatchMailbox(
-            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
-            timeout=30,
-        )
-        await asyncio.sleep(0.3)
-        mail_servers.deliver(mailbox.address, sample("one", to=mailbox.address))
-        event = await asyncio.wait_for(stream.read(), 10)  # the feed is up
-        assert event.resume_token
+        _, _, stream = await _live_feed(channel, mail_servers, mailbox)
         stopping = asyncio.ensure_future(broker.broker.stop())
         error = await _fails(stream.read())
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
