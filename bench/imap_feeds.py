@@ -308,7 +308,7 @@ async def _watched_accounts(run: Run, result: FigureResult, mail: MailHarness, b
             Sampler(broker.pid, interval=0.05) as sampler,
             CpuWindow(broker.pid) as cpu,
         ):
-            began = await asyncio.to_thread(_deliver_spaced, sender, [boxes[i].address for i in chosen], spacing)
+            began, lmtp = await asyncio.to_thread(_deliver_spaced, sender, [boxes[i].address for i in chosen], spacing)
             waiting = [arrivals.expect(f"feed {n}") for n in range(delivery_count)]
             await asyncio.wait(waiting, timeout=STRAGGLERS)
         after = broker.status()
@@ -344,6 +344,8 @@ async def _watched_accounts(run: Run, result: FigureResult, mail: MailHarness, b
         f"p50 {latency.median_ms:.3g} ms, max {latency.max_ms:.3g} ms" if latency else "",
     )
     result.add("events missing", missing, "", Target("<=", 0), f"of {delivery_count} deliveries")
+    accepted = Latency.of(lmtp)
+    result.add("LMTP transaction p99", accepted.p99_ms, "ms", detail=f"max {accepted.max_ms:.3g} ms: Dovecot's share")
     result.add(
         "broker RSS, all feeds up",
         watching.rss_mib,
@@ -384,6 +386,7 @@ async def _watched_accounts(run: Run, result: FigureResult, mail: MailHarness, b
             round((w.result() - began[n]) * 1000, 1) if w.done() and not w.cancelled() else None
             for n, w in enumerate(waiting)
         ],
+        lmtp_ms=[round(x * 1000, 1) for x in lmtp],
         cpu={"broker_cores": cpu.process_cores, "machine_cores": cpu.machine_cores},
     )
 
@@ -416,15 +419,17 @@ async def _all_up(ups: list[asyncio.Event], readers: list[asyncio.Task[None]], t
         waiting.cancel()
 
 
-def _deliver_spaced(sender: LmtpSender, recipients: list[str], spacing: float) -> list[float]:
-    """Deliver "feed N" to recipients[N] every ``spacing`` seconds (blocking); return when each one began."""
-    began = []
+def _deliver_spaced(sender: LmtpSender, recipients: list[str], spacing: float) -> tuple[list[float], list[float]]:
+    """Deliver "feed N" to recipients[N] every ``spacing`` seconds (blocking); return when each one began, and how
+    long Dovecot took to accept it (a slow LMTP transaction is the mail server's share of a late event)."""
+    began, lmtp = [], []
     next_at = time.perf_counter()
     for index, address in enumerate(recipients):
         began.append(sender.deliver(address, note(f"feed {index}", address)))
+        lmtp.append(time.perf_counter() - began[-1])
         next_at += spacing
         time.sleep(max(0.0, next_at - time.perf_counter()))
-    return began
+    return began, lmtp
 
 
 def _dovecot_processes(mail: MailHarness) -> dict[str, int]:
