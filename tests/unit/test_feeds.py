@@ -86,3 +86,49 @@ async def test_plaintext_injected_after_starttls_is_refused() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_idle_stays_open_through_keepalives_and_returns_real_changes() -> None:
+    sent_done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK ready\r\n")
+        while line := await reader.readline():
+            tag = line.split(b" ", 1)[0]
+            if line.endswith(b"LOGIN {4}\r\n") or line.endswith(b"{2}\r\n"):
+                writer.write(b"+ go\r\n")
+            elif b"CAPABILITY" in line:
+                writer.write(b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK\r\n")
+            elif line.startswith(b"user"):
+                writer.write(b"+ go\r\n")
+            elif line.startswith(b"pw"):
+                writer.write(b"F1 OK logged in\r\n")
+            elif b"IDLE" in line:
+                writer.write(b"+ idling\r\n* OK Still here\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.3)
+                writer.write(b"* 3 EXISTS\r\n")
+                idle_tag = tag
+            elif line == b"DONE\r\n":
+                sent_done.set()
+                writer.write(idle_tag + b" OK Idle completed\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await AsyncImap.connect(
+            MailServer("127.0.0.1", port, TransportSecurity.PLAINTEXT),
+            Credentials("user", "pw"),
+            ssl.create_default_context(),
+            5,
+        )
+        lines = await client.idle(5, asyncio.Event())
+        # The keepalive did not end the IDLE; the EXISTS that came after it did.
+        assert lines == [b"* 3 EXISTS\r\n"]
+        assert sent_done.is_set()
+        await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()

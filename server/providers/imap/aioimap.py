@@ -271,11 +271,13 @@ class AsyncImap:
             if line.startswith(tag + b" "):
                 raise ProviderUnavailable("the mail server refused IDLE", reason="PROVIDER_CAPABILITY_MISSING")
             seen.append(line)
-        if not seen:
-            reader = asyncio.ensure_future(self._readline(timeout=wait + self._timeout))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not seen and not interrupt.is_set() and (remaining := deadline - loop.time()) > 0:
+            reader = asyncio.ensure_future(self._readline(timeout=remaining + self._timeout))
             stopper = asyncio.ensure_future(interrupt.wait())
             try:
-                await asyncio.wait({reader, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({reader, stopper}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopper.cancel()
                 if not reader.done():
@@ -283,8 +285,13 @@ class AsyncImap:
                     # Wait for it even when we are being cancelled ourselves: a reader left behind would fail
                     # later with nobody to hear it.
                     await asyncio.gather(reader, return_exceptions=True)
-            if not reader.cancelled():
-                seen.append(reader.result())
+            if reader.cancelled():
+                break  # the wait ran out, or a subscriber is joining
+            line = reader.result()
+            # A keepalive ("* OK Still here") is no change: stay in IDLE. Ending IDLE for it would wake a
+            # hibernated Dovecot session, and mail arriving as it hibernates again is not always reported.
+            if not line.startswith(b"* OK"):
+                seen.append(line)
         await self._send(b"DONE\r\n")
         self._idling = False
         while True:
