@@ -131,6 +131,24 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit log's anchor file (see server.store.audit_anchor). Empty → ``<data_dir>/audit-anchor.json``."""
+
+    anchor_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ErasureConfig:
+    """Automatic erasure of accounts the user disconnected at the provider."""
+
+    # Erase an account that has been NEEDS_REAUTH for this many days, through the same path as DeleteAccount.
+    # 0 = never (the default).
+    needs_reauth_erase_after_days: int = 0
+    # How often the running broker looks for such accounts.
+    sweep_interval_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = DEFAULT_DATA_DIR
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -141,6 +159,8 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     imap: ImapConfig = field(default_factory=ImapConfig)
     mail: MailConfig = field(default_factory=MailConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    erasure: ErasureConfig = field(default_factory=ErasureConfig)
 
     @property
     def uses_dev_pki(self) -> bool:
@@ -165,6 +185,10 @@ class Config:
     @property
     def keyring_file(self) -> Path:
         return self.keys.file or self.data_dir / "keys.json"
+
+    @property
+    def audit_anchor_file(self) -> Path:
+        return self.audit.anchor_file or self.data_dir / "audit-anchor.json"
 
     @property
     def store_url(self) -> str:
@@ -291,6 +315,10 @@ def _validate(config: Config) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams", "blocking_threads"):
         if getattr(config.server, name) <= 0:
             raise ConfigurationError(f"config: server.{name} must be positive")
+    if config.erasure.needs_reauth_erase_after_days < 0 or config.erasure.sweep_interval_seconds <= 0:
+        raise ConfigurationError(
+            "config: erasure.needs_reauth_erase_after_days must be >= 0 and erasure.sweep_interval_seconds positive"
+        )
     for i, rule in enumerate(config.policy.rules):
         if not rule.identities or not rule.methods:
             raise ConfigurationError(f"config: policy.rules[{i}] needs identities and methods")

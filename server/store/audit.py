@@ -4,9 +4,12 @@
 previous_digest)``, canonical meaning sorted keys, no whitespace, ASCII only; the first event's previous digest is
 64 zeros. Editing, deleting, reordering or inserting a row breaks the chain at or just after that row.
 
+Sequences run from 1 without gaps, so a deleted or inserted row also shows as a sequence out of place.
+
 A plain hash chain is tamper-evident, not tamper-proof: someone who can write the database can rewrite the whole
-tail consistently, and dropping the newest rows leaves a valid chain. Anchoring the head digest elsewhere (or a
-keyed MAC) closes that gap.
+tail consistently, and dropping the newest rows leaves a valid chain. :mod:`server.store.audit_anchor` closes
+that gap as far as a single host can: the broker records the head (sequence, digest) under a keyed MAC in a file
+outside the database after every append, and ``mailbroker audit verify`` checks the chain against it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,23 +93,60 @@ def list_events(
     return [_event_from_row(row) for row in connection.execute(query)]
 
 
-def first_broken_link(connection: Connection) -> int | None:
-    """Return the sequence of the first event whose digest or link does not check out, or None if all do."""
-    expected_previous = GENESIS_DIGEST
+@dataclass(frozen=True)
+class ChainHead:
+    """The newest event of the chain: its sequence and digest (0 and the genesis digest for an empty log)."""
+
+    sequence: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    """The first place the log does not check out: the event there (when there is one) and what is wrong."""
+
+    sequence: int | None
+    event_id: str
+    problem: str
+
+
+def verify_chain(connection: Connection) -> tuple[ChainHead, ChainBreak | None]:
+    """Walk the whole chain in order; return its head and the first broken link (None if every link holds)."""
+    expected_sequence, expected_previous = 1, GENESIS_DIGEST
     rows = connection.execution_options(yield_per=1000).execute(select(audit_events).order_by(audit_events.c.sequence))
     for row in rows:
-        try:
-            event = _event_from_row(row)
-        except ValueError:  # details no longer JSON
-            return int(row.sequence)
-        if (
-            event.previous_digest != expected_previous
-            or row.details != _canonical(event.details)
-            or event.digest != event_digest(event)
-        ):
-            return event.sequence
-        expected_previous = event.digest
+        broken = _check_row(row, expected_sequence, expected_previous)
+        if broken is not None:
+            return ChainHead(expected_sequence - 1, expected_previous), ChainBreak(row.sequence, row.event_id, broken)
+        expected_sequence, expected_previous = row.sequence + 1, row.digest
+    return ChainHead(expected_sequence - 1, expected_previous), None
+
+
+def _check_row(row: Row[Any], expected_sequence: int, expected_previous: str) -> str | None:
+    if row.sequence != expected_sequence:
+        return (
+            f"sequence {row.sequence} where {expected_sequence} was expected: events were deleted or inserted"
+            if row.sequence > expected_sequence
+            else f"sequence {row.sequence} out of order"
+        )
+    if row.previous_digest != expected_previous:
+        what = "the genesis digest" if expected_sequence == 1 else f"the digest of event {expected_sequence - 1}"
+        return f"previous_digest is not {what}: an event before it was edited, deleted, inserted or reordered"
+    try:
+        event = _event_from_row(row)
+    except ValueError:
+        return "details are not a JSON object: the event was edited"
+    if row.details != _canonical(event.details):
+        return "details are not in canonical form: the event was edited"
+    if event.digest != event_digest(event):
+        return "digest does not match the event's content: the event was edited"
     return None
+
+
+def first_broken_link(connection: Connection) -> int | None:
+    """Return the sequence of the first event whose digest or link does not check out, or None if all do."""
+    _, broken = verify_chain(connection)
+    return None if broken is None else broken.sequence
 
 
 def event_digest(event: AuditEvent) -> str:

@@ -34,6 +34,7 @@ from server.domain.models import (
 )
 from server.errors import AlreadyExists, NotFound
 from server.store import audit
+from server.store.audit_anchor import AuditAnchor
 from server.store.engine import WRITE_INTENT
 from server.store.ids import new_event_id
 from server.store.schema import (
@@ -59,12 +60,20 @@ def _utcnow() -> datetime:
 class Store:
     """Synchronous, thread-safe access to accounts, their secrets and the audit log."""
 
-    def __init__(self, engine: Engine, keyring: Keyring, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        keyring: Keyring,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        audit_anchor: AuditAnchor | None = None,
+    ) -> None:
         self._engine = engine
         self._writer = engine.execution_options(**{WRITE_INTENT: True})
         self._keyring = keyring
         self._clock = clock
         self._audit_lock = threading.Lock()
+        self._audit_anchor = audit_anchor
 
     # Accounts
 
@@ -272,18 +281,22 @@ class Store:
     def append_audit_event(
         self, action: str, tenant: str, actor: str, account_id: str, details: Mapping[str, object]
     ) -> AuditEvent:
-        """Append a PII-free event to the hash-chained audit log and return it as stored."""
-        with self._audit_lock, self._writer.begin() as connection:
-            return audit.append_event(
-                connection,
-                event_id=new_event_id(),
-                event_time=self._clock(),
-                action=action,
-                tenant=tenant,
-                actor=actor,
-                account_id=account_id,
-                details=details,
-            )
+        """Append a PII-free event to the hash-chained audit log and return it as stored (and anchored, if set)."""
+        with self._audit_lock:
+            with self._writer.begin() as connection:
+                event = audit.append_event(
+                    connection,
+                    event_id=new_event_id(),
+                    event_time=self._clock(),
+                    action=action,
+                    tenant=tenant,
+                    actor=actor,
+                    account_id=account_id,
+                    details=details,
+                )
+            if self._audit_anchor is not None:  # after the commit: an anchor never points past the log
+                self._audit_anchor.record(event.sequence, event.digest)
+            return event
 
     def list_audit_events(
         self, tenant: str | None, account_id: str | None, page_size: int, after_sequence: int | None = None
