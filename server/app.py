@@ -7,6 +7,7 @@ import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from server.domain.accounts import Accounts
 from server.domain.audit import AuditLog
 from server.domain.blocking import BlockingPool
 from server.domain.drivers import Drivers
-from server.domain.erasure import Erasure
+from server.domain.erasure import AutoEraser, Erasure
 from server.domain.feeds import FeedHub
 from server.domain.imap_accounts import ImapAccounts
 from server.domain.mailbox import Mailboxes
@@ -36,6 +37,7 @@ from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.providers.imap.driver import ImapSettings
+from server.store.audit_anchor import AuditAnchor
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.migrate import upgrade
 from server.store.repository import Store
@@ -113,6 +115,7 @@ class Broker:
     draining: asyncio.Event
     drivers: Drivers
     feeds: FeedHub
+    auto_eraser: AutoEraser | None = None
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, end open streams so clients resume elsewhere, then close."""
@@ -120,6 +123,8 @@ class Broker:
             return
         await self.health.enter_graceful_shutdown()
         self.draining.set()
+        if self.auto_eraser is not None:
+            await self.auto_eraser.stop()
         await self.server.stop(self.grace)
         await self.feeds.close()
         await self.drivers.close()
@@ -137,7 +142,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     credentials = server_credentials(config)
     engine = create_engine(config.store_url)
     upgrade(engine)
-    store = Store(engine, keyring)
+    store = Store(engine, keyring, audit_anchor=AuditAnchor(config.audit_anchor_file, keyring))
     # Separate pools: slow mail servers holding every provider thread must not stall the store for all tenants.
     blocking = BlockingPool(STORE_THREADS, "mailbroker-store")
     providers = BlockingPool(config.server.blocking_threads, "mailbroker-provider")
@@ -196,9 +201,30 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     if port == 0:
         raise ConfigurationError(f"cannot listen on {config.server.listen} (address in use or not available)")
     await server.start()
+    auto_eraser = _start_auto_eraser(config, store, erasure, blocking)
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"event": "startup", "port": port})
     return Broker(
-        server, port, health, (blocking, providers), config.server.shutdown_grace_seconds, draining, drivers, feeds
+        server,
+        port,
+        health,
+        (blocking, providers),
+        config.server.shutdown_grace_seconds,
+        draining,
+        drivers,
+        feeds,
+        auto_eraser,
     )
+
+
+def _start_auto_eraser(config: Config, store: Store, erasure: Erasure, blocking: BlockingPool) -> AutoEraser | None:
+    """The background erasure of accounts NEEDS_REAUTH for too long, when ``[erasure]`` turns it on."""
+    days = config.erasure.needs_reauth_erase_after_days
+    if days <= 0:
+        return None
+    eraser = AutoEraser(
+        store, erasure, blocking, after=timedelta(days=days), interval=config.erasure.sweep_interval_seconds
+    )
+    eraser.start()
+    return eraser

@@ -1,7 +1,8 @@
-"""The ``mailbroker`` command: serve, dev-pki, keys init.
+"""The ``mailbroker`` command: serve, dev-pki, keys init/rotate/status/retire, audit verify.
 
 Operator mistakes (bad config, missing key or certificate, port in use) end with one line on stderr and exit
-status 2, never a traceback.
+status 2, never a traceback. A check that finds a problem (``audit verify`` on a broken chain, ``keys retire`` of
+a version still in use) exits 1.
 """
 
 from __future__ import annotations
@@ -13,14 +14,24 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server import config as config_module
 from server.config import Config
 from server.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from server.store.rotation import KekUsage
+
+EXIT_CHECK_FAILED = 1
 EXIT_OPERATOR_ERROR = 2
+# `audit verify` re-reads when only the anchor disagrees, since an append can land between reading the log and
+# reading the anchor; a real break persists.
+VERIFY_ATTEMPTS = 3
+SYSTEM_ACTOR = "system"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +78,32 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--file", type=Path, help="where (default: DATA_DIR/keys.json)")
     init.add_argument("--data-dir", type=Path, help="data directory (default: ./var)")
     init.set_defaults(run=_keys_init)
+    rotate = key_commands.add_parser(
+        "rotate", help="add a new current KEK version and rewrap every data key with it (online)"
+    )
+    _store_options(rotate)
+    rotate.set_defaults(run=_keys_rotate)
+    status = key_commands.add_parser("status", help="show how many data keys and OAuth states each KEK version wraps")
+    _store_options(status)
+    status.set_defaults(run=_keys_status)
+    retire = key_commands.add_parser(
+        "retire", help="remove a KEK version from the key file once nothing is wrapped by it"
+    )
+    retire.add_argument("version", type=int, metavar="VERSION")
+    _store_options(retire)
+    retire.set_defaults(run=_keys_retire)
+
+    audit = commands.add_parser("audit", help="the tamper-evident audit log")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    verify = audit_commands.add_parser("verify", help="check the hash chain and its anchor; exit 1 on a broken link")
+    _store_options(verify)
+    verify.set_defaults(run=_audit_verify)
     return parser
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (default: embedded defaults)")
+    parser.add_argument("--data-dir", type=Path, help="where the embedded defaults live (default: ./var)")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -174,6 +210,148 @@ def _keys_init(args: argparse.Namespace) -> int:
     generate_key_file(path)
     print(f"wrote a new key file {path} (mode 0600); back it up: without it the store cannot be read")
     return 0
+
+
+class _StoreAccess:
+    """What the offline commands need: the engine, the keyring that follows the key file, and a Store."""
+
+    def __init__(self, config: Config) -> None:
+        from server.crypto.keyring import load_keyring
+        from server.store.audit_anchor import AuditAnchor
+        from server.store.engine import create_engine
+        from server.store.repository import Store
+
+        if not config.store.url and not (config.data_dir / "mailbroker.db").exists():
+            raise ConfigurationError(f"no store at {config.data_dir / 'mailbroker.db'}")
+        self.config = config
+        self.keyring = load_keyring(config.keyring_file, os.environ)
+        self.engine = create_engine(config.store_url)
+        self.anchor = AuditAnchor(config.audit_anchor_file, self.keyring)
+        self.store = Store(self.engine, self.keyring, audit_anchor=self.anchor)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _key_file_for_rotation(config: Config) -> Path:
+    if os.environ.get("MAILBROKER_KEKS", "").strip():
+        raise ConfigurationError(
+            "the keys come from MAILBROKER_KEKS: add a version there and restart; online rotation needs a key file"
+        )
+    return config.keyring_file
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from server.crypto.keyring import add_key_version
+    from server.store.rotation import kek_usage, rewrap_data_keys
+
+    config = _load(args)
+    key_file = _key_file_for_rotation(config)
+    access = _StoreAccess(config)  # checks the store and the key file before anything changes
+    try:
+        version = add_key_version(key_file)
+        print(f"added key-encryption key version {version} to {key_file}; it is now current")
+        rewrapped = rewrap_data_keys(access.engine, access.keyring)
+        usage = kek_usage(access.engine)
+        access.store.append_audit_event(
+            "key_rotated", "", SYSTEM_ACTOR, "", {"kek_version": version, "rewrapped_data_keys": rewrapped}
+        )
+    finally:
+        access.close()
+    print(f"rewrapped {rewrapped} data key(s) with version {version}")
+    _print_usage(usage, version)
+    return 0
+
+
+def _keys_status(args: argparse.Namespace) -> int:
+    from server.store.rotation import kek_usage
+
+    access = _StoreAccess(_load(args))
+    try:
+        usage = kek_usage(access.engine)
+        current, _ = access.keyring.current()
+        held = sorted(access.keyring.keys)
+    finally:
+        access.close()
+    print(f"key file versions: {', '.join(map(str, held))} (current {current})")
+    _print_usage(usage, current)
+    unknown = sorted((set(usage.data_keys) | set(usage.oauth_states)) - set(held))
+    if unknown:
+        print(f"warning: rows wrapped by version(s) the key file does not hold: {', '.join(map(str, unknown))}")
+        return EXIT_CHECK_FAILED
+    return 0
+
+
+def _print_usage(usage: KekUsage, current: int) -> None:
+    versions = sorted(set(usage.data_keys) | set(usage.oauth_states) | {current})
+    print(f"{'version':>7}  {'data keys':>9}  {'oauth states':>12}")
+    for version in versions:
+        mark = "  (current)" if version == current else ""
+        print(f"{version:>7}  {usage.data_keys.get(version, 0):>9}  {usage.oauth_states.get(version, 0):>12}{mark}")
+
+
+def _keys_retire(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from server.crypto.keyring import remove_key_version
+    from server.store.rotation import delete_expired_oauth_states, kek_usage
+
+    config = _load(args)
+    key_file = _key_file_for_rotation(config)
+    version: int = args.version
+    access = _StoreAccess(config)
+    try:
+        current, _ = access.keyring.current()
+        if version == current:
+            print(f"mailbroker: refusing: version {version} is the current key; rotate first", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+        delete_expired_oauth_states(access.engine, version, datetime.now(UTC))
+        usage = kek_usage(access.engine)
+        if usage.total(version):
+            print(
+                f"mailbroker: refusing: version {version} still wraps {usage.data_keys.get(version, 0)} data key(s)"
+                f" and {usage.oauth_states.get(version, 0)} pending OAuth state(s); run `mailbroker keys rotate`"
+                " (OAuth states expire on their own)",
+                file=sys.stderr,
+            )
+            return EXIT_CHECK_FAILED
+        remove_key_version(key_file, version)
+        access.store.append_audit_event("key_rotated", "", SYSTEM_ACTOR, "", {"retired_kek_version": version})
+    finally:
+        access.close()
+    print(f"retired key-encryption key version {version}: removed from {key_file}; it can no longer decrypt")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from server.store.audit import verify_chain
+    from server.store.audit_anchor import AnchorError, check_anchor
+
+    access = _StoreAccess(_load(args))
+    try:
+        for _attempt in range(VERIFY_ATTEMPTS):
+            with access.engine.connect() as connection:  # one read transaction: one consistent snapshot
+                head, broken = verify_chain(connection)
+                if broken is not None:
+                    break
+                try:
+                    anchored = access.anchor.read()
+                except AnchorError as exc:
+                    print(f"audit log: NOT VERIFIED: {exc}")
+                    return EXIT_CHECK_FAILED
+                broken = check_anchor(connection, head, anchored)
+            if broken is None:
+                break
+            time.sleep(0.2)  # let an append in flight finish updating the anchor
+    finally:
+        access.close()
+    if broken is None:
+        print(f"audit log: intact, {head.sequence} event(s), head digest {head.digest}")
+        return 0
+    where = "at the end of the log" if broken.sequence is None else f"at sequence {broken.sequence}"
+    event = f" (event {broken.event_id})" if broken.event_id else ""
+    print(f"audit log: BROKEN {where}{event}: {broken.problem}")
+    return EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":

@@ -9,6 +9,15 @@ Key file (JSON, mode 0600)::
 
 Loading fails closed with a one-line :class:`~server.errors.ConfigurationError` that names the file or setting and
 never the key material. No parsing exception is chained onto it, because some (``JSONDecodeError.doc``) carry it.
+
+Online rotation: a keyring loaded from a file is a :class:`KeyFileKeyring`, which follows its file. Every use
+``stat``s the file (about a microsecond) and reloads it when its identity (device, inode, size, mtime) changed;
+the file is only ever replaced by an atomic rename, so a reload sees a whole old or a whole new file. So a
+running broker wraps new data keys with a version the moment ``mailbroker keys rotate`` makes it current, unwraps
+keys rewrapped under it, and can no longer use a version the moment ``mailbroker keys retire`` removes it. A
+version it does not hold also forces a reload, in case the file changed within the stat's time resolution. A file
+that becomes unreadable or invalid keeps the last good keyring in use (logged once): rotation must never take a
+serving broker down. Keys from ``MAILBROKER_KEKS`` are fixed for the life of the process.
 """
 
 from __future__ import annotations
@@ -16,9 +25,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +42,8 @@ from server.errors import ConfigurationError, Internal
 
 KEY_FILE_FORMAT = "mailbroker-keyring/1"
 ENV_VAR = "MAILBROKER_KEKS"
+
+log = logging.getLogger("mailbroker.keys")
 
 
 class KeyringError(Internal):
@@ -67,6 +80,75 @@ class Keyring:
         return self.current_version, self.keys[self.current_version]
 
 
+_FileIdentity = tuple[int, int, int, int]
+
+
+def _identity(path: Path) -> _FileIdentity | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class KeyFileKeyring(Keyring):
+    """A keyring that follows its key file (see the module docstring): reloaded whenever the file is replaced."""
+
+    # Not dataclass fields: set once here or swapped whole under the lock, with object.__setattr__.
+    path: Path
+    _snapshot: Keyring
+    _identity: _FileIdentity | None
+    _refused: _FileIdentity | None
+    _lock: threading.Lock
+
+    def __init__(self, path: Path) -> None:
+        identity = _identity(path)
+        snapshot = _keyring_from_document(path, _read_key_file(path))
+        super().__init__(current_version=snapshot.current_version, keys=snapshot.keys)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "_snapshot", snapshot)
+        object.__setattr__(self, "_identity", identity)
+        object.__setattr__(self, "_refused", None)  # the identity of a file that failed to load, not retried
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def kek(self, version: int) -> bytes:
+        """Return the KEK of ``version`` as the key file holds it now; raise KeyringError if it does not."""
+        snapshot = self._refresh()
+        if version not in snapshot.keys:
+            snapshot = self._refresh(force=True)
+        return snapshot.kek(version)
+
+    def current(self) -> tuple[int, bytes]:
+        """Return the key file's current version and its KEK."""
+        return self._refresh().current()
+
+    def _refresh(self, *, force: bool = False) -> Keyring:
+        snapshot: Keyring = self._snapshot
+        identity = _identity(self.path)
+        if identity is None or (identity == self._identity and not force):
+            return snapshot
+        with self._lock:
+            if identity == self._refused and not force:
+                return snapshot
+            try:
+                fresh = _keyring_from_document(self.path, _read_key_file(self.path))
+            except ConfigurationError:
+                if identity != self._refused:
+                    log.warning(
+                        "the key file changed but cannot be loaded; the previous keys stay in use",
+                        extra={"event": "keyring_reload_failed", "path": self.path},
+                    )
+                object.__setattr__(self, "_refused", identity)
+                return snapshot
+            object.__setattr__(self, "_snapshot", fresh)
+            object.__setattr__(self, "_identity", identity)
+            object.__setattr__(self, "current_version", fresh.current_version)
+            object.__setattr__(self, "keys", fresh.keys)
+            if fresh.keys != snapshot.keys or fresh.current_version != snapshot.current_version:
+                log.info("key file reloaded", extra={"event": "keyring_reloaded", "kek_version": fresh.current_version})
+            return fresh
+
+
 def load_keyring(key_file: Path | None, environ: Mapping[str, str]) -> Keyring:
     """Load the keyring from ``MAILBROKER_KEKS`` if non-empty, else from ``key_file``; fail closed if neither works."""
     env_value = environ.get(ENV_VAR, "").strip()
@@ -74,7 +156,7 @@ def load_keyring(key_file: Path | None, environ: Mapping[str, str]) -> Keyring:
         return _keyring_from_env(env_value)
     if key_file is None:
         raise ConfigurationError(f"no key-encryption key: set {ENV_VAR} or configure a key file")
-    return _keyring_from_document(key_file, _read_key_file(key_file))
+    return KeyFileKeyring(key_file)
 
 
 def generate_key_file(path: Path) -> None:
@@ -97,6 +179,28 @@ def add_key_version(path: Path) -> int:
     version = max(_keyring_from_document(path, document).keys) + 1  # validates before we touch anything
     document["keys"].append(_new_key_entry(version))
     document["current"] = version
+    _replace_file(path, document)
+    return version
+
+
+def remove_key_version(path: Path, version: int) -> None:
+    """Remove KEK ``version`` from the key file at ``path`` (atomically, as :func:`add_key_version`).
+
+    Refuses the current version and a version the file does not hold. Whether anything is still wrapped by it is
+    the caller's check (``mailbroker keys retire``): after this, nothing wrapped by it can be opened again.
+    """
+    document = _read_key_file(path)
+    keyring = _keyring_from_document(path, document)
+    if version not in keyring.keys:
+        raise ConfigurationError(f"key file {path} holds no version {version}")
+    if version == keyring.current_version:
+        raise ConfigurationError(f"version {version} is the current key-encryption key; rotate first")
+    document["keys"] = [entry for entry in document["keys"] if entry.get("version") != version]
+    _replace_file(path, document)
+
+
+def _replace_file(path: Path, document: Mapping[str, Any]) -> None:
+    """Replace the key file atomically (write a 0600 sibling, fsync, rename), so a crash leaves old or new."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         _write_new_file(temporary, _encode_document(document))
@@ -105,7 +209,6 @@ def add_key_version(path: Path) -> int:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise ConfigurationError(f"cannot rewrite key file {path}: {exc.strerror}") from None
-    return version
 
 
 def _keyring_from_env(value: str) -> Keyring:

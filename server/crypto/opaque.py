@@ -2,7 +2,8 @@
 
 A token is bound to a purpose and a context (tenant, account, query) through the AAD, so a token replayed with
 another purpose, by another tenant or for another query fails to open. Keys are derived from the keyring's KEKs
-with HKDF; the KEK version travels in the token so tokens survive a key rotation while the old KEK is kept.
+with HKDF; the KEK version travels in the token so tokens survive a key rotation while the old KEK is kept, and
+stop opening once that version is retired (``mailbroker keys retire``).
 """
 
 from __future__ import annotations
@@ -28,22 +29,25 @@ class OpaqueTokens:
 
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring
-        self._keys: dict[int, bytes] = {}
+        self._keys: dict[bytes, bytes] = {}
 
     def _key(self, version: int) -> bytes:
-        if version not in self._keys:
-            kek = self._keyring.kek(version)
-            self._keys[version] = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(kek)
-        return self._keys[version]
+        # Ask the keyring every time (it follows the key file): a retired version must stop opening tokens.
+        return self._derive(self._keyring.kek(version))
+
+    def _derive(self, kek: bytes) -> bytes:
+        if kek not in self._keys:
+            self._keys[kek] = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(kek)
+        return self._keys[kek]
 
     @staticmethod
     def _aad(purpose: str, binding: Sequence[str]) -> bytes:
         return json.dumps([purpose, *binding], separators=(",", ":")).encode()
 
     def seal(self, purpose: str, binding: Sequence[str], payload: Mapping[str, Any]) -> str:
-        version, _ = self._keyring.current()
+        version, kek = self._keyring.current()
         plaintext = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-        blob = version.to_bytes(4, "big") + seal(self._key(version), plaintext, self._aad(purpose, binding))
+        blob = version.to_bytes(4, "big") + seal(self._derive(kek), plaintext, self._aad(purpose, binding))
         return base64.urlsafe_b64encode(blob).rstrip(b"=").decode("ascii")
 
     def open(self, purpose: str, binding: Sequence[str], token: str) -> dict[str, Any] | None:

@@ -174,6 +174,20 @@ class Store:
                 connection.execute(delete(table).where(table.c.account_id == account_id))
             return connection.execute(delete(accounts).where(accounts.c.id == account_id)).rowcount > 0
 
+    def accounts_needing_reauth_since(self, cutoff: datetime) -> list[tuple[str, str]]:
+        """Return (tenant, account id) of every account NEEDS_REAUTH since ``cutoff`` or earlier (auto-erasure)."""
+        query = (
+            select(accounts.c.tenant, accounts.c.id)
+            .where(
+                accounts.c.state == AccountState.NEEDS_REAUTH.value,
+                accounts.c.needs_reauth_since.is_not(None),
+                accounts.c.needs_reauth_since <= cutoff,
+            )
+            .order_by(accounts.c.id)
+        )
+        with self._engine.connect() as connection:
+            return [(row.tenant, row.id) for row in connection.execute(query)]
+
     # Secrets
 
     def read_secret(self, account_id: str, column: SecretColumn) -> bytes | None:
