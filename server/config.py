@@ -113,6 +113,59 @@ class MailConfig:
 
 
 @dataclass(frozen=True)
+class OAuthConfig:
+    """What every OAuth provider shares."""
+
+    # How long a BeginOAuth state stays usable (it is single-use either way).
+    state_ttl_seconds: float = 600.0
+    # An access token is refreshed this long before it expires.
+    refresh_margin_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class GoogleConfig:
+    """Gmail through Google OAuth 2.0. Empty client_id → GOOGLE accounts are not offered (FAILED_PRECONDITION).
+
+    The client secret comes from ``client_secret``, the ``MAILBROKER_GOOGLE_CLIENT_SECRET`` environment variable,
+    or ``client_secret_file`` (its first line); it is never logged. The endpoints default to Google's; tests point
+    them at a local emulator.
+    """
+
+    client_id: str = ""
+    client_secret: str = ""
+    client_secret_file: Path | None = None
+    # The redirect URIs registered for the client; BeginOAuth accepts only these.
+    redirect_uris: tuple[str, ...] = ()
+    authorization_endpoint: str = "https://accounts.google.com/o/oauth2/v2/auth"
+    token_endpoint: str = "https://oauth2.googleapis.com/token"
+    revoke_endpoint: str = "https://oauth2.googleapis.com/revoke"
+    certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
+    api_endpoint: str = "https://gmail.googleapis.com/"
+    # A CA bundle that replaces the system trust store for every Google endpoint; empty → system.
+    ca_file: Path | None = None
+    # Per-request timeout; retries of 429/5xx stop at the caller's deadline or after max_retry_seconds.
+    timeout_seconds: float = 30.0
+    max_retry_seconds: float = 20.0
+    # How often a watched account's history is polled.
+    history_poll_seconds: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_id)
+
+    def secret(self) -> str:
+        if self.client_secret:
+            return self.client_secret
+        if self.client_secret_file is not None:
+            try:
+                return self.client_secret_file.read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, IndexError, UnicodeDecodeError):
+                raise ConfigurationError("config: google.client_secret_file cannot be read") from None
+        return ""
+
+
+@dataclass(frozen=True)
 class PolicyRule:
     """Identities (exact, or a ``prefix/*`` pattern) allowed to call methods (``*``, ``pkg.Service/*``,
     ``pkg.Service/Method``)."""
@@ -161,6 +214,8 @@ class Config:
     mail: MailConfig = field(default_factory=MailConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    google: GoogleConfig = field(default_factory=GoogleConfig)
 
     @property
     def uses_dev_pki(self) -> bool:
@@ -315,6 +370,12 @@ def _validate(config: Config) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams", "blocking_threads"):
         if getattr(config.server, name) <= 0:
             raise ConfigurationError(f"config: server.{name} must be positive")
+    google = config.google
+    if google.enabled:
+        if not google.redirect_uris:
+            raise ConfigurationError("config: google.redirect_uris must list at least one URI")
+        if not google.secret():
+            raise ConfigurationError("config: google needs a client secret (client_secret, its file or environment)")
     if config.erasure.needs_reauth_erase_after_days < 0 or config.erasure.sweep_interval_seconds <= 0:
         raise ConfigurationError(
             "config: erasure.needs_reauth_erase_after_days must be >= 0 and erasure.sweep_interval_seconds positive"

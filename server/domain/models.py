@@ -45,6 +45,8 @@ class AccountProfile:
     username: str = ""
     imap_server: MailServer | None = None
     smtp_server: MailServer | None = None
+    # For OAuth accounts: the provider's stable id of the user (OpenID ``sub``), to match later consents.
+    subject: str = ""
 
 
 @dataclass(frozen=True)

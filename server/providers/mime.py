@@ -182,6 +182,9 @@ class BuiltMessage:
     raw: bytes
     internet_message_id: str
     envelope_recipients: tuple[str, ...]
+    #: The Bcc header field (CRLF-terminated, empty without Bcc) for providers that take the recipients from the
+    #: message itself and strip Bcc on delivery (the Gmail API): ``bcc_field + raw``. SMTP never sends it.
+    bcc_field: bytes = b""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -563,6 +566,12 @@ def _split_parameters(value: str) -> tuple[str, list[tuple[str, str]]]:
         if name:
             pairs.append((name, text))
     return main, pairs
+
+
+def split_header_parameters(value: str) -> tuple[str, dict[str, str]]:
+    """A structured header's value and its parameters, RFC 2231-decoded (``Content-Type``, ``Content-Disposition``)."""
+    head, pairs = _split_parameters(value)
+    return head, decode_parameters(pairs)
 
 
 def classify_part(content_type: str, disposition: str, filename: str, in_related: bool) -> tuple[bool, bool]:
@@ -1397,8 +1406,14 @@ def build_message(
     for _, parsed in (*to, *cc, *bcc):
         assert parsed is not None
         envelope.setdefault(f"{parsed.username}@{parsed.domain.lower()}", parsed.addr_spec)
+    bcc_field = b""
+    if bcc:
+        holder = EmailMessage(policy=_POLICY)
+        holder.set_raw("Bcc", _header_addresses(bcc))
+        bcc_field = holder.as_bytes(policy=_POLICY).rstrip(b"\r\n") + b"\r\n"
     return BuiltMessage(
         raw=message.as_bytes(policy=_POLICY),
         internet_message_id=message_id,
         envelope_recipients=tuple(envelope.values()),
+        bcc_field=bcc_field,
     )

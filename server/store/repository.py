@@ -227,6 +227,111 @@ class Store:
                 .values({column: sealed, "update_time": self._clock()})
             )
 
+    # OAuth (BeginOAuth / CompleteOAuth): states, grants, consent records
+
+    def put_oauth_state(
+        self,
+        state_id: str,
+        *,
+        tenant: str,
+        caller: str,
+        provider: Provider,
+        account_id: str | None,
+        payload: bytes,
+        expire_time: datetime,
+    ) -> None:
+        """Keep a pending authorization, its payload (PKCE verifier, flow) sealed with the current KEK."""
+        version, kek = self._keyring.current()
+        sealed = seal(kek, payload, secret_aad("oauth_states", "payload", state_id, version))
+        with self._writer.begin() as connection:
+            connection.execute(delete(oauth_states).where(oauth_states.c.expire_time < self._clock()))
+            connection.execute(
+                oauth_states.insert().values(
+                    id=state_id,
+                    tenant=tenant,
+                    caller=caller,
+                    provider=provider.value,
+                    account_id=account_id,
+                    kek_version=version,
+                    payload=sealed,
+                    create_time=self._clock(),
+                    expire_time=expire_time,
+                )
+            )
+
+    def take_oauth_state(self, state_id: str, tenant: str, caller: str) -> dict[str, Any] | None:
+        """Remove and return the caller's pending authorization ``{"provider", "account_id", "payload",
+        "expire_time"}`` (single use); None when there is none for this tenant and caller."""
+        with self._writer.begin() as connection:
+            row = connection.execute(
+                select(oauth_states).where(
+                    oauth_states.c.id == state_id, oauth_states.c.tenant == tenant, oauth_states.c.caller == caller
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            if connection.execute(delete(oauth_states).where(oauth_states.c.id == state_id)).rowcount != 1:
+                return None  # another call took it first
+        payload = open_sealed(
+            self._keyring.kek(row.kek_version),
+            row.payload,
+            secret_aad("oauth_states", "payload", state_id, row.kek_version),
+        )
+        return {
+            "provider": Provider(row.provider),
+            "account_id": row.account_id,
+            "payload": payload,
+            "expire_time": row.expire_time,
+        }
+
+    def replace_grant(self, account_id: str, refresh_token: bytes, capabilities: frozenset[Capability]) -> bool:
+        """A new consent for an existing account: its refresh token, capabilities and ACTIVE state, all at once.
+        Returns whether the account exists."""
+        now = self._clock()
+        with self._writer.begin() as connection:
+            dek = self._data_key(connection, account_id)
+            connection.execute(
+                update(account_secrets)
+                .where(account_secrets.c.account_id == account_id)
+                .values(refresh_token=_seal_secret(dek, account_id, "refresh_token", refresh_token), update_time=now)
+            )
+            return (
+                connection.execute(
+                    update(accounts)
+                    .where(accounts.c.id == account_id)
+                    .values(
+                        capabilities=_capabilities_to_text(capabilities),
+                        state=AccountState.ACTIVE.value,
+                        needs_reauth_since=None,
+                        update_time=now,
+                    )
+                ).rowcount
+                > 0
+            )
+
+    def record_consent(
+        self,
+        account_id: str,
+        tenant: str,
+        provider: Provider,
+        scopes: Iterable[str],
+        capabilities: frozenset[Capability],
+        grant_time: datetime,
+    ) -> None:
+        """Record what the user granted, and when (scopes are the provider's public names: no personal data)."""
+        with self._writer.begin() as connection:
+            connection.execute(
+                consents.insert().values(
+                    id=new_event_id(),
+                    account_id=account_id,
+                    tenant=tenant,
+                    provider=provider.value,
+                    scopes=" ".join(sorted(scopes)),
+                    capabilities=_capabilities_to_text(capabilities),
+                    grant_time=grant_time,
+                )
+            )
+
     # Idempotency (SendMessage request_id, AIP-155)
 
     def claim_request(self, account_id: str, request_digest: str, fingerprint: str) -> dict[str, Any] | None:
@@ -379,6 +484,8 @@ def _profile_to_json(profile: AccountProfile) -> bytes:
         "imap_server": server(profile.imap_server),
         "smtp_server": server(profile.smtp_server),
     }
+    if profile.subject:
+        document["subject"] = profile.subject
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -395,4 +502,5 @@ def _profile_from_json(data: bytes) -> AccountProfile:
         username=document.get("username", ""),
         imap_server=server(document.get("imap_server")),
         smtp_server=server(document.get("smtp_server")),
+        subject=document.get("subject", ""),
     )
