@@ -1,0 +1,1 @@
+from tests.emulators.google.fixtures import google_emulator  # noqa: F401
