@@ -7,7 +7,7 @@ import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -28,14 +28,20 @@ from server.domain.drivers import Drivers
 from server.domain.erasure import AutoEraser, Erasure
 from server.domain.feeds import FeedHub
 from server.domain.imap_accounts import ImapAccounts
+from server.domain.mail import AccountStateChanged, FeedEvent
 from server.domain.mailbox import Mailboxes
+from server.domain.models import AccountState, Provider
+from server.domain.oauth import OAuthClient, OAuthFlows, provider_revoker
 from server.domain.policy import Policy
+from server.domain.tokens import AccessTokens, needs_reauth
 from server.errors import ConfigurationError
 from server.interceptors.access_log import AccessLogInterceptor
 from server.interceptors.authentication import AuthenticationInterceptor
 from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.providers.google.gmail import GmailSettings
+from server.providers.google.oauth import GoogleOAuth
 from server.providers.imap.driver import ImapSettings
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import checkpoint_and_vacuum, create_engine
@@ -156,10 +162,39 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         timeout_seconds=config.imap.timeout_seconds,
     )
     accounts = Accounts(store, blocking, tokens)
-    drivers = Drivers(store, blocking, providers, imap_settings)
-    audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
     feeds = FeedHub()
-    erasure = Erasure(store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine))
+    oauth_clients, gmail_settings = _oauth_clients(config)
+    access_tokens = AccessTokens(
+        store,
+        blocking,
+        providers,
+        oauth_clients,
+        refresh_margin_seconds=config.oauth.refresh_margin_seconds,
+        on_reauth_needed=lambda account_id: _end_feeds_for_reauth(feeds, account_id),
+    )
+    drivers = Drivers(store, blocking, providers, imap_settings, tokens=access_tokens, gmail=gmail_settings)
+
+    async def on_grant(account_id: str) -> None:
+        access_tokens.forget(account_id)
+        await drivers.evict(account_id)
+
+    oauth = OAuthFlows(
+        store,
+        blocking,
+        providers,
+        accounts,
+        oauth_clients,
+        state_ttl_seconds=config.oauth.state_ttl_seconds,
+        on_grant=on_grant,
+    )
+    audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
+    revokers = {
+        provider: provider_revoker(store, blocking, providers, client, access_tokens)
+        for provider, client in oauth_clients.items()
+    }
+    erasure = Erasure(
+        store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine), revokers=revokers
+    )
     mailboxes = Mailboxes(
         accounts,
         drivers,
@@ -184,7 +219,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         options=server_options(config),
     )
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
-        AccountServicer(accounts, audit, erasure, imap_accounts), server
+        AccountServicer(accounts, audit, erasure, imap_accounts, oauth), server
     )  # type: ignore[no-untyped-call]
     mail_service_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(accounts, mailboxes), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
@@ -215,6 +250,31 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         drivers,
         feeds,
         auto_eraser,
+    )
+
+
+def _oauth_clients(config: Config) -> tuple[dict[Provider, OAuthClient], GmailSettings | None]:
+    """The OAuth clients of the configured providers (none configured: only IMAP accounts are offered)."""
+    clients: dict[Provider, OAuthClient] = {}
+    gmail = None
+    if config.google.enabled:
+        clients[Provider.GOOGLE] = GoogleOAuth(config.google)
+        gmail = GmailSettings(
+            api_endpoint=config.google.api_endpoint,
+            ca_file=config.google.ca_file,
+            timeout_seconds=config.google.timeout_seconds,
+            max_retry_seconds=config.google.max_retry_seconds,
+            history_poll_seconds=config.google.history_poll_seconds,
+        )
+    return clients, gmail
+
+
+async def _end_feeds_for_reauth(feeds: FeedHub, account_id: str) -> None:
+    """A refused grant: every feed of the account gets an AccountStateChanged event, then ends."""
+    await feeds.close_account(
+        account_id,
+        needs_reauth(),
+        FeedEvent(AccountStateChanged(AccountState.NEEDS_REAUTH, "PROVIDER_AUTH_FAILED"), {}, datetime.now(UTC)),
     )
 
 

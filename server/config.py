@@ -137,7 +137,7 @@ class GoogleConfig:
     # The redirect URIs registered for the client; BeginOAuth accepts only these.
     redirect_uris: tuple[str, ...] = ()
     authorization_endpoint: str = "https://accounts.google.com/o/oauth2/v2/auth"
-    token_endpoint: str = "https://oauth2.googleapis.com/token"
+    token_endpoint: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
     revoke_endpoint: str = "https://oauth2.googleapis.com/revoke"
     certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")

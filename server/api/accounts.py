@@ -13,28 +13,41 @@ from server.domain.accounts import Accounts
 from server.domain.audit import AuditLog
 from server.domain.erasure import Erasure
 from server.domain.imap_accounts import ImapAccounts, ImapConnectRequest
-from server.errors import Unimplemented
+from server.domain.oauth import OAuthFlows
 from server.interceptors.context import current_principal
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _provider_not_implemented(what: str) -> Unimplemented:
-    return Unimplemented(f"{what} is not available in this version", reason="PROVIDER_NOT_IMPLEMENTED")
-
-
 class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
-    def __init__(self, accounts: Accounts, audit: AuditLog, erasure: Erasure, imap: ImapAccounts) -> None:
+    def __init__(
+        self, accounts: Accounts, audit: AuditLog, erasure: Erasure, imap: ImapAccounts, oauth: OAuthFlows
+    ) -> None:
+        self._oauth = oauth
         self._accounts = accounts
         self._imap = imap
         self._audit = audit
         self._erasure = erasure
 
     async def BeginOAuth(self, request: pb.BeginOAuthRequest, context: Context) -> pb.BeginOAuthResponse:
-        raise _provider_not_implemented("OAuth")
+        begun = await self._oauth.begin(
+            current_principal.get(),
+            convert.provider_from_proto(request.provider),
+            convert.capabilities_from_proto(request.capabilities),
+            request.redirect_uri,
+            names.parse_account(request.account, "account") if request.account else None,
+            request.login_hint,
+        )
+        return pb.BeginOAuthResponse(
+            authorization_uri=begun.authorization_uri,
+            state=begun.state,
+            expire_time=convert.timestamp(begun.expire_time),
+            scopes=begun.scopes,
+        )
 
     async def CompleteOAuth(self, request: pb.CompleteOAuthRequest, context: Context) -> resources_pb2.Account:
-        raise _provider_not_implemented("OAuth")
+        account = await self._oauth.complete(current_principal.get(), request.state, request.code)
+        return convert.account_to_proto(account)
 
     async def ConnectImapAccount(
         self, request: pb.ConnectImapAccountRequest, context: Context

@@ -12,6 +12,7 @@ from mailbroker.v1 import resources_pb2 as pb
 
 from server.api import names
 from server.domain.mail import (
+    AccountStateChanged,
     AttachmentInfo,
     EmailAddress,
     FeedEvent,
@@ -84,6 +85,19 @@ def account_to_proto(account: Account) -> pb.Account:
         create_time=timestamp(account.create_time),
         update_time=timestamp(account.update_time),
     )
+
+
+def provider_from_proto(value: int, field: str = "provider") -> Provider:
+    """A provider the request names (UNSPECIFIED is refused)."""
+    by_value: dict[int, Provider] = {int(v): k for k, v in PROVIDERS.items()}
+    provider = by_value.get(int(value))
+    if provider is None:
+        raise InvalidArgument(
+            "provider must be GOOGLE or MICROSOFT",
+            reason="INVALID_PROVIDER",
+            field_violations=[FieldViolation(field, "GOOGLE or MICROSOFT")],
+        )
+    return provider
 
 
 def capabilities_from_proto(values: Iterable[int], field: str = "capabilities") -> frozenset[Capability]:
@@ -295,6 +309,9 @@ def event_to_proto(account_id: str, event: FeedEvent, token: str) -> mpb.Mailbox
         out.resync_required.reason = RESYNC_REASONS[change.reason]
         if change.folder_id:
             out.resync_required.folder = folder_name(account_id, change.folder_id)
+    elif isinstance(change, AccountStateChanged):
+        out.account_state_changed.state = STATES[change.state]
+        out.account_state_changed.reason = change.reason
     else:
         out.heartbeat.SetInParent()
     return out

@@ -8,8 +8,10 @@ from typing import Any
 
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, Provider
+from server.domain.tokens import AccessTokens, AccountTokenSource
 from server.errors import FailedPrecondition, Unimplemented
 from server.providers.base import MailDriver
+from server.providers.google.gmail import GmailDriver, GmailSettings
 from server.providers.imap.driver import ImapDriver, ImapSettings
 from server.store.repository import Store
 
@@ -17,7 +19,18 @@ from server.store.repository import Store
 class Drivers:
     """The driver cache. A driver is replaced when the account changed (new credentials, capabilities)."""
 
-    def __init__(self, store: Store, blocking: BlockingPool, providers: BlockingPool, imap: ImapSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        blocking: BlockingPool,
+        providers: BlockingPool,
+        imap: ImapSettings,
+        *,
+        tokens: AccessTokens | None = None,
+        gmail: GmailSettings | None = None,
+    ) -> None:
+        self._tokens = tokens
+        self._gmail = gmail
         self._store = store
         self._blocking = blocking
         self._providers = providers
@@ -26,7 +39,7 @@ class Drivers:
         self._lock = asyncio.Lock()
 
     async def get(self, account: Account) -> MailDriver:
-        if account.provider is not Provider.IMAP:
+        if account.provider is Provider.MICROSOFT:
             raise Unimplemented(
                 "this provider's driver is not available in this version", reason="PROVIDER_NOT_IMPLEMENTED"
             )
@@ -34,6 +47,16 @@ class Drivers:
             cached = self._drivers.get(account.id)
             if cached is not None and cached[0] == account.update_time:
                 return cached[1]
+            if account.provider is Provider.GOOGLE:
+                if self._tokens is None or self._gmail is None:
+                    raise FailedPrecondition(
+                        "this provider is not configured on this broker", reason="PROVIDER_NOT_CONFIGURED"
+                    )
+                gmail: MailDriver = GmailDriver(AccountTokenSource(self._tokens, account), self._providers, self._gmail)
+                self._drivers[account.id] = (account.update_time, gmail)
+                if cached is not None:
+                    await cached[1].close()
+                return gmail
             password = await self._blocking.run(self._store.read_secret, account.id, "imap_password")
             if password is None:
                 raise FailedPrecondition("the account has no stored credential", reason="ACCOUNT_NEEDS_REAUTH")

@@ -64,7 +64,8 @@ class Subscriber:
         for event in events:
             self.deliver(event)
 
-    def end(self, error: BrokerError) -> None:
+    def end(self, error: BrokerError, final: FeedEvent | None = None) -> None:
+        """End the stream with ``error``, after ``final`` (a position-less event, such as AccountStateChanged)."""
         if self.ended:
             return
         self.ended = True
@@ -72,6 +73,8 @@ class Subscriber:
         # from before all of it, so resuming replays it. Dropping only the oldest would leave a hole.
         while not self.queue.empty():
             self.queue.get_nowait()
+        if final is not None:
+            self.queue.put_nowait(final)
         self.queue.put_nowait(FeedEnded(error))
         if not self.start.done():
             self.start.set_exception(error)
@@ -86,8 +89,9 @@ class Upstream(Protocol):
 
     def leave(self, subscriber: Subscriber) -> None: ...
 
-    def end_all(self, error: BrokerError) -> None:
-        """End every subscriber's stream with ``error`` (erasure, a credential the provider refused)."""
+    def end_all(self, error: BrokerError, final: FeedEvent | None = None) -> None:
+        """End every subscriber's stream with ``error`` (erasure, a credential the provider refused), after
+        ``final`` when given."""
 
     @property
     def idle(self) -> bool:
@@ -122,10 +126,10 @@ class UpstreamBase:
     def idle(self) -> bool:
         return not self.subscribers and not self._joining
 
-    def end_all(self, error: BrokerError) -> None:
-        """End every subscriber's stream with ``error``."""
+    def end_all(self, error: BrokerError, final: FeedEvent | None = None) -> None:
+        """End every subscriber's stream with ``error``, after ``final`` when given."""
         for subscriber in [*self.subscribers, *(s for s, _ in self._joining)]:
-            subscriber.end(error)
+            subscriber.end(error, final)
         self.subscribers.clear()
         self._joining.clear()
 
@@ -201,12 +205,13 @@ class FeedHub:
             running.task.cancel()
             del self._running[(account_id, folder)]
 
-    async def close_account(self, account_id: str, error: BrokerError) -> int:
-        """End every feed of an account (erasure); returns how many watchers were stopped."""
+    async def close_account(self, account_id: str, error: BrokerError, final: FeedEvent | None = None) -> int:
+        """End every feed of an account (erasure, a refused grant), after ``final`` when given; returns how many
+        watchers were stopped."""
         keys = [key for key in self._running if key[0] == account_id]
         for key in keys:
             running = self._running.pop(key)
-            running.upstream.end_all(error)
+            running.upstream.end_all(error, final)
             running.task.cancel()
         return len(keys)
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from server.domain.models import AccountState
 from server.errors import FieldViolation, InvalidArgument
 
 MAX_QUERY_CHARS = 512
@@ -201,11 +202,28 @@ class Heartbeat:
     pass
 
 
-Change = MessageAdded | MessageDeleted | MessageUpdated | FolderAdded | FolderDeleted | ResyncRequired | Heartbeat
+@dataclass(frozen=True)
+class AccountStateChanged:
+    """The account's state changed (its grant was refused): the feed ends after this event."""
+
+    state: AccountState
+    reason: str
+
+
+Change = (
+    MessageAdded
+    | MessageDeleted
+    | MessageUpdated
+    | FolderAdded
+    | FolderDeleted
+    | ResyncRequired
+    | AccountStateChanged
+    | Heartbeat
+)
 
 
 @dataclass(frozen=True)
 class FeedEvent:
     change: Change
-    cursor: dict[str, object] = field(default_factory=dict)
+    cursor: dict[str, object] = field(default_factory=dict)  # empty: the event moves no position
     observe_time: datetime | None = None

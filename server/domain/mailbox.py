@@ -258,7 +258,8 @@ class Mailboxes:
                     item = task.result()
                     if isinstance(item, FeedEnded):
                         raise item.error
-                    positions[folder] = item.cursor
+                    if item.cursor:  # a position-less event (AccountStateChanged) leaves the token as it was
+                        positions[folder] = item.cursor
                     getters[asyncio.ensure_future(subscribers[folder].queue.get())] = folder
                     yield item, self._resume_tokens.seal("resume", binding, positions)
         finally:

@@ -6,6 +6,7 @@ Provider specifics (URLs, PKCE, the code exchange, what identifies the mailbox) 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -265,3 +266,36 @@ class OAuthFlows:
             await self._providers.run(client.revoke, grant.refresh_token or grant.access_token)
         except BrokerError as exc:
             log.info("revoking an unused grant failed", extra={"reason": exc.reason, "component": "oauth"})
+
+
+REVOKE_ATTEMPTS = 3
+
+
+def provider_revoker(
+    store: Store, blocking: BlockingPool, providers: BlockingPool, client: OAuthClient, tokens: Any
+) -> Callable[[Account], Awaitable[Any]]:
+    """The erasure step that revokes an OAuth account's grant at the provider, with bounded retries.
+
+    ``tokens`` (AccessTokens) drops the account's access token from memory whatever happens.
+    """
+    from server.domain.erasure import RevokeResult
+
+    async def revoke(account: Account) -> RevokeResult:
+        tokens.forget(account.id)
+        secret = await blocking.run(store.read_secret, account.id, "refresh_token")
+        if secret is None:
+            return RevokeResult("NOT_APPLICABLE", "NO_GRANT_HELD", "the broker held no grant for this account")
+        reason = ""
+        for attempt in range(REVOKE_ATTEMPTS):
+            try:
+                await providers.run(client.revoke, secret.decode("utf-8"))
+                return RevokeResult("DONE")
+            except BrokerError as exc:
+                reason = exc.reason
+                if attempt + 1 < REVOKE_ATTEMPTS:
+                    await asyncio.sleep(0.2 * 2**attempt)
+        return RevokeResult(
+            "FAILED", reason or "REVOCATION_FAILED", "the user can remove the app in their provider account settings"
+        )
+
+    return revoke

@@ -237,15 +237,38 @@ async def test_mail_methods_check_name_tenant_and_capability_before_the_provider
             assert error_reason(caught.value) == reason
 
 
-async def test_unimplemented_provider_methods_say_so_with_a_reason(broker: RunningBroker) -> None:
+async def test_oauth_without_a_configured_provider_says_so_with_a_reason(broker: RunningBroker) -> None:
+    """The default config has no OAuth client: GOOGLE and MICROSOFT are refused as not configured."""
     async with broker.channel(broker.pki.alice) as channel:
         accounts, _ = stubs(channel)
-        for call in (
-            accounts.BeginOAuth(apb.BeginOAuthRequest(), timeout=5),
-            accounts.CompleteOAuth(apb.CompleteOAuthRequest(), timeout=5),
-        ):
+        begin = {"capabilities": [rpb.CAPABILITY_READ], "redirect_uri": "https://app.example/callback"}
+        expected = [
+            (accounts.BeginOAuth(apb.BeginOAuthRequest(**begin), timeout=5), "INVALID_ARGUMENT", "INVALID_PROVIDER"),
+            (
+                accounts.BeginOAuth(apb.BeginOAuthRequest(provider=rpb.PROVIDER_IMAP, **begin), timeout=5),
+                "INVALID_ARGUMENT",
+                "INVALID_PROVIDER",
+            ),
+            (
+                accounts.BeginOAuth(apb.BeginOAuthRequest(provider=rpb.PROVIDER_GOOGLE, **begin), timeout=5),
+                "FAILED_PRECONDITION",
+                "PROVIDER_NOT_CONFIGURED",
+            ),
+            (
+                accounts.BeginOAuth(apb.BeginOAuthRequest(provider=rpb.PROVIDER_MICROSOFT, **begin), timeout=5),
+                "FAILED_PRECONDITION",
+                "PROVIDER_NOT_CONFIGURED",
+            ),
+            (accounts.CompleteOAuth(apb.CompleteOAuthRequest(), timeout=5), "INVALID_ARGUMENT", "INVALID_OAUTH_STATE"),
+            (
+                accounts.CompleteOAuth(apb.CompleteOAuthRequest(state="never-issued", code="c"), timeout=5),
+                "INVALID_ARGUMENT",
+                "INVALID_OAUTH_STATE",
+            ),
+        ]
+        for call, code, reason in expected:
             error = await _fails(call)
-            assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNIMPLEMENTED, "PROVIDER_NOT_IMPLEMENTED")
+            assert (error.code().name, error_reason(error)) == (code, reason)
 
 
 async def test_delete_account_erases_it_returns_a_receipt_and_audits(broker: RunningBroker) -> None:
