@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -253,13 +253,14 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         print(f"added key-encryption key version {version} to {key_file}; it is now current")
         rewrapped = rewrap_data_keys(access.engine, access.keyring)
         usage = kek_usage(access.engine)
+        held = sorted(access.keyring.keys)
         access.store.append_audit_event(
             "key_rotated", "", SYSTEM_ACTOR, "", {"kek_version": version, "rewrapped_data_keys": rewrapped}
         )
     finally:
         access.close()
     print(f"rewrapped {rewrapped} data key(s) with version {version}")
-    _print_usage(usage, version)
+    _print_usage(usage, version, held)
     return 0
 
 
@@ -274,7 +275,7 @@ def _keys_status(args: argparse.Namespace) -> int:
     finally:
         access.close()
     print(f"key file versions: {', '.join(map(str, held))} (current {current})")
-    _print_usage(usage, current)
+    _print_usage(usage, current, held)
     unknown = sorted((set(usage.data_keys) | set(usage.oauth_states)) - set(held))
     if unknown:
         print(f"warning: rows wrapped by version(s) the key file does not hold: {', '.join(map(str, unknown))}")
@@ -282,8 +283,8 @@ def _keys_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_usage(usage: KekUsage, current: int) -> None:
-    versions = sorted(set(usage.data_keys) | set(usage.oauth_states) | {current})
+def _print_usage(usage: KekUsage, current: int, held: Iterable[int]) -> None:
+    versions = sorted(set(usage.data_keys) | set(usage.oauth_states) | set(held) | {current})
     print(f"{'version':>7}  {'data keys':>9}  {'oauth states':>12}")
     for version in versions:
         mark = "  (current)" if version == current else ""

@@ -35,8 +35,13 @@ class KekUsage:
 def kek_usage(engine: Engine) -> KekUsage:
     """Count the rows wrapped by each KEK version."""
     with engine.connect() as connection:
-        counts: list[dict[int, int]] = [
-            dict(connection.execute(select(table.c.kek_version, func.count()).group_by(table.c.kek_version)).tuples())
+        counts = [
+            {
+                int(version): int(count)
+                for version, count in connection.execute(
+                    select(table.c.kek_version, func.count()).group_by(table.c.kek_version)
+                )
+            }
             for table in (data_keys, oauth_states)
         ]
     return KekUsage(data_keys=counts[0], oauth_states=counts[1])
