@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httplib2
+
 from server.pki import issue_cert, new_ca
 from tests.emulators.google import gmail, oauth
 from tests.emulators.google.mailbox import Mailbox
@@ -174,6 +176,7 @@ class GoogleEmulator:
         self.state = GoogleState(policy or Policy(), issuer)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._http_clients: list[httplib2.Http] = []
         self._write_tls()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
@@ -201,6 +204,9 @@ class GoogleEmulator:
         return self
 
     def stop(self) -> None:
+        for client in self._http_clients:
+            client.close()
+        self._http_clients.clear()
         if self._server is None:
             return
         self._server.shutdown()
@@ -332,6 +338,12 @@ class GoogleEmulator:
         if status != 302 or location is None:
             raise AuthorizationRefused(status, error or "no_redirect")
         return location
+
+    def http(self) -> httplib2.Http:
+        """An httplib2 client trusting only the emulator's CA (not the machine's CA variables); closed at stop()."""
+        client = httplib2.Http(ca_certs=str(self.ca_path))
+        self._http_clients.append(client)
+        return client
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts only the emulator's CA."""
