@@ -352,3 +352,37 @@ def test_unknown_query_parameters_and_unimplemented_methods(google_emulator: Goo
     with pytest.raises(HttpError) as unimplemented:
         service.users().threads().list(userId="me").execute()
     assert unimplemented.value.status_code == 501
+
+
+def test_partial_responses_with_fields(google_emulator: GoogleEmulator, gmail: Service) -> None:
+    delivered = google_emulator.deliver(USER, plain_message())
+    messages = gmail(READONLY).users().messages()
+
+    listed = messages.list(userId="me", fields="messages(id),resultSizeEstimate").execute()
+    got = messages.get(userId="me", id=delivered.id, format="metadata", fields="id,payload/headers").execute()
+
+    assert listed == {"messages": [{"id": delivered.id}], "resultSizeEstimate": 1}
+    assert set(got) == {"id", "payload"} and set(got["payload"]) == {"headers"}
+    with pytest.raises(HttpError) as invalid:
+        messages.list(userId="me", fields="messages(colour)").execute()
+    assert (invalid.value.status_code, google_reason(invalid.value)) == (400, "badRequest")
+
+
+def test_batch_requests(google_emulator: GoogleEmulator, gmail: Service) -> None:
+    from googleapiclient.http import BatchHttpRequest
+
+    ids = [google_emulator.deliver(USER, plain_message(f"m{i}")).id for i in range(3)]
+    service = gmail(READONLY)
+    results: dict[str, Any] = {}
+
+    def collect(request_id: str, response: Any, exception: HttpError | None) -> None:
+        results[request_id] = exception.status_code if exception else response["id"]
+
+    batch = BatchHttpRequest(callback=collect, batch_uri=google_emulator.batch_url)
+    for message_id in [*ids, "abcdef0123456789"]:
+        batch.add(service.users().messages().get(userId="me", id=message_id, format="minimal"), request_id=message_id)
+    batch.execute(http=service._http)
+
+    assert results == {**{i: i for i in ids}, "abcdef0123456789": 404}
+    assert google_emulator.counters()["batch"] == 1
+    assert google_emulator.counters()["gmail.users.messages.get"] == 4

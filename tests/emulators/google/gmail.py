@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from tests.emulators.google import errors, payload
+from tests.emulators.google import errors, fields, payload
 from tests.emulators.google.discovery import Method, gmail_methods
 from tests.emulators.google.errors import ApiError
 from tests.emulators.google.mailbox import HISTORY_TYPES, Mailbox, StoredMessage, new_message_id_header, search_filter
@@ -46,9 +46,10 @@ def dispatch(state: GoogleState, request: Request) -> Response:
             handler = _HANDLERS.get(method.id)
             if handler is None:
                 raise errors.not_implemented(f"method {method.id}")
+            selection = _fields(request, method)
             body = handler(state, _Call(request, user, token, params, path_params, upload))
             state.gmail_responses.append((method.id, method.response, body))
-        return Response.json(200, body)
+        return Response.json(200, fields.apply(body, selection))
     except ApiError as exc:
         with state.lock:
             state.counters[f"gmail.error.{exc.code}"] += 1
@@ -124,6 +125,15 @@ def _resolve_user(state: GoogleState, token: AccessToken, user_id: str) -> User:
     raise errors.forbidden("Delegation denied for the requested user")
 
 
+def _fields(request: Request, method: Method) -> fields.Selection | None:
+    values = request.query.get("fields")
+    if not values:
+        return None
+    selection = fields.parse(",".join(values))
+    fields.check(selection, {"$ref": method.response} if method.response else {})
+    return selection
+
+
 def _query_params(method: Method, request: Request) -> dict[str, Any]:
     """Type-check the query against the method's documented parameters; refuse unknown names as Google does."""
     out: dict[str, Any] = {}
@@ -133,7 +143,7 @@ def _query_params(method: Method, request: Request) -> dict[str, Any]:
                 raise errors.bad_request("Only alt=json is served by these methods.", location="alt")
             continue
         if name == "fields":
-            raise errors.not_implemented("partial responses (fields=)")
+            continue  # see _fields
         spec = method.parameters.get(name)
         if spec is None or spec.get("location") != "query":
             raise errors.invalid_argument(

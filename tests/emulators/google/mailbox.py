@@ -235,13 +235,24 @@ def search_filter(query: str, mailbox: Mailbox) -> tuple[Any, bool]:
     """Compile ``q`` into a predicate; also say whether the query itself reaches into SPAM/TRASH.
 
     Supported: from:, to:, cc:, subject:, rfc822msgid:, label:, in:(inbox|sent|spam|trash|anywhere),
-    is:(unread|read|starred|important), has:attachment, after:, before: (YYYY/MM/DD or epoch seconds). Anything
-    else (free text, OR, quotes, negation, braces) is refused with 501 rather than answered wrongly.
+    is:(unread|read|starred|important), has:attachment, after:, before: (YYYY/MM/DD or epoch seconds), and free
+    words, as typed in the Gmail search box: each word of a term must be a whole word (case-insensitive) of the
+    subject, the sender and recipients, or a text part. Anything else (OR, quotes, negation, braces) is refused with
+    501 rather than answered wrongly.
     """
     tests = []
     reaches_spam_trash = False
     for term in query.split():
         match = _TERM.match(term)
+        if (
+            not match
+            and not term.startswith("-")
+            and term not in ("OR", "AND", "AROUND")
+            and not set(term) & set('"(){}')
+        ):
+            words = _WORD.findall(term.lower())
+            tests.append(lambda m, w=words: all(word in _searchable_words(m) for word in w))
+            continue
         if not match:
             raise errors.not_implemented(f"search term {term!r} in q")
         op, value = match["op"], match["value"].lower()
@@ -276,6 +287,25 @@ def search_filter(query: str, mailbox: Mailbox) -> tuple[Any, bool]:
         else:
             raise errors.not_implemented(f"search operator {op!r} in q")
     return (lambda m: all(t(m) for t in tests)), reaches_spam_trash
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _searchable_words(message: StoredMessage) -> set[str]:
+    """The words free text matches: subject, sender and recipients, and every text part that is no attachment."""
+    parsed = message.parsed
+    texts = [str(parsed.get("Subject", "")), _addresses(parsed, "From", "To", "Cc")]
+    for part in parsed.walk():
+        if part.get_content_maintype() != "text" or part.get_content_disposition() == "attachment":
+            continue
+        try:
+            content = part.get_content()
+        except (LookupError, ValueError):
+            continue
+        if isinstance(content, str):
+            texts.append(re.sub(r"<[^>]+>", " ", content) if part.get_content_subtype() == "html" else content)
+    return set(_WORD.findall(" ".join(texts).lower()))
 
 
 def _label_by_name(value: str, mailbox: Mailbox) -> str:

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import httplib2
 
 from server.pki import issue_cert, new_ca
-from tests.emulators.google import gmail, oauth
+from tests.emulators.google import batch, gmail, oauth
 from tests.emulators.google.mailbox import Mailbox
 from tests.emulators.google.state import (
     Client,
@@ -160,6 +160,8 @@ def _route(state: GoogleState, request: Request, base_url: str) -> Response:
         return oauth.userinfo(state, request)
     if path == "/.well-known/openid-configuration":
         return oauth.openid_configuration(state, request, base_url)
+    if path in ("/batch", "/batch/gmail/v1"):
+        return batch.dispatch(state, request)
     if path.startswith(("/gmail/", "/upload/gmail/", "/resumable/upload/gmail/")):
         return gmail.dispatch(state, request)
     return Response.json(404, {"error": {"code": 404, "message": "Not Found", "status": "NOT_FOUND"}})
@@ -269,6 +271,12 @@ class GoogleEmulator:
 
     def client_options(self) -> dict[str, str]:
         return {"api_endpoint": self.gmail_api_endpoint}
+
+    @property
+    def batch_url(self) -> str:
+        """For ``googleapiclient.http.BatchHttpRequest(batch_uri=...)``: ``new_batch_http_request()`` ignores the
+        api_endpoint and would post to the real Google."""
+        return f"{self.base_url}/batch/gmail/v1"
 
     @property
     def issuer(self) -> str:
