@@ -201,7 +201,9 @@ class GoogleEmulator:
         context.load_cert_chain(self._cert_path, self._key_path)
         self._server = _Server(self.state, context)
         self._server.base_url = f"https://{HOST}:{self._server.server_address[1]}"  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="google-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="google-emulator", daemon=True
+        )
         self._thread.start()
         return self
 
