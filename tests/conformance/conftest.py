@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from server.domain.feeds import FeedHub
 from tests.conformance.backends import Backend, ImapBackend
+from tests.conformance.gmail_backend import REDIRECT_URI, GmailBackend
+from tests.emulators.google.server import GoogleEmulator
+from tests.emulators.google.state import Client
 from tests.mailserver.fixtures import mail_servers  # noqa: F401 - a fixture, found by name
+
+
+@pytest.fixture(scope="session")
+def google_emulator_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GoogleEmulator, Client]]:
+    """One Google emulator and OAuth client for the session (every Gmail test makes its own user on it)."""
+    with GoogleEmulator(tmp_path_factory.mktemp("google-emulator")) as emulator:
+        yield emulator, emulator.register_client(redirect_uris=[REDIRECT_URI])
+
 
 # Backend name -> how to make one from the test's request. Session-scoped servers are asked for here, lazily, so a
 # run that selects one backend (``-k imap``) starts only that provider's environment.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
     "imap": lambda request: ImapBackend(request.getfixturevalue("mail_servers")),
+    "gmail": lambda request: GmailBackend(*request.getfixturevalue("google_emulator_session")),
 }
 
 

@@ -100,7 +100,6 @@ class GmailSettings:
 
 _services: dict[str, Any] = {}
 _services_lock = threading.Lock()
-_local = threading.local()
 
 
 def _service(api_endpoint: str) -> Any:
@@ -120,17 +119,58 @@ def _service(api_endpoint: str) -> Any:
         return service
 
 
-def _thread_http(ca_file: Path | None, timeout: float) -> httplib2.Http:
-    """One httplib2.Http per thread (it is not thread-safe), reused so its TLS connections are kept."""
-    key = (ca_file, timeout)
-    cache: dict[tuple[Path | None, float], httplib2.Http] | None = getattr(_local, "http", None)
-    if cache is None:
-        cache = _local.http = {}
-    http = cache.get(key)
-    if http is None:
-        http = httplib2.Http(ca_certs=str(ca_file) if ca_file else None, timeout=timeout)
-        cache[key] = http
-    return http
+class _HTTPSConnection(httplib2.HTTPSConnectionWithTimeout):  # type: ignore[misc]
+    """httplib2's connection, except that a refused connection's socket is closed at once: httplib2 leaves it to
+    the garbage collector (a ResourceWarning, and an open descriptor until then). Through a proxy: httplib2's own."""
+
+    def connect(self) -> None:
+        if self.proxy_info and self.proxy_info.isgood() and self.proxy_info.applies_to(self.host):
+            super().connect()
+            return
+        timeout = self.timeout if isinstance(self.timeout, int | float) and self.timeout > 0 else None
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)  # closes its socket on failure
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class _Http(httplib2.Http):  # type: ignore[misc]
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("connection_type") is None:  # google-auth-httplib2 passes None
+            kwargs["connection_type"] = _HTTPSConnection
+        return super().request(*args, **kwargs)
+
+
+class _ThreadHttp:
+    """One httplib2.Http per thread (it is not thread-safe), reused so its TLS connections are kept, and every one
+    of them closed when the driver closes (a pool thread outlives the driver; its sockets must not)."""
+
+    def __init__(self, ca_file: Path | None, timeout: float) -> None:
+        self._ca_file = ca_file
+        self._timeout = timeout
+        self._local = threading.local()
+        self._made: list[httplib2.Http] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> httplib2.Http:
+        http: httplib2.Http | None = getattr(self._local, "http", None)
+        if http is None:
+            http = _Http(ca_certs=str(self._ca_file) if self._ca_file else None, timeout=self._timeout)
+            self._local.http = http
+            with self._lock:
+                self._made.append(http)
+        return http
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made = self._made, []
+            # Threads that still hold one make a new one next time (their cached Http is closed and forgotten).
+            self._local = threading.local()
+        for http in made:
+            http.close()
 
 
 def _b64decode(data: str) -> bytes:
@@ -216,6 +256,7 @@ class GmailDriver:
         self._pool = pool
         self._settings = settings
         self._labels: frozenset[str] | None = None
+        self._http = _ThreadHttp(settings.ca_file, settings.timeout_seconds)
 
     # -- calls -----------------------------------------------------------------------------------------------------
 
@@ -224,14 +265,21 @@ class GmailDriver:
         credentials = google.oauth2.credentials.Credentials(token=token)  # type: ignore[no-untyped-call]
         http = google_auth_httplib2.AuthorizedHttp(
             credentials,
-            http=_thread_http(self._settings.ca_file, self._settings.timeout_seconds),
+            http=self._http.get(),
             refresh_status_codes=(),  # the broker's token manager refreshes, single-flight, not this thread
         )
         return make(_service(self._settings.api_endpoint)).execute(http=http, num_retries=0)
 
     async def _call(
-        self, make: Callable[[Any], HttpRequest], *, not_found: str = "NOT_FOUND", sending: bool = False
+        self,
+        make: Callable[[Any], HttpRequest],
+        *,
+        not_found: str = "NOT_FOUND",
+        sending: bool = False,
+        invalid: BrokerError | None = None,
     ) -> Any:
+        """``invalid``: what a 400 means when the call names a resource by an id the caller gave (Gmail answers
+        "Invalid id value" for an id it cannot parse)."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._settings.max_retry_seconds
         attempt = 0
@@ -248,6 +296,8 @@ class GmailDriver:
                     refreshed = True
                     continue
                 error = _map_http_error(exc, not_found, sending=sending)
+                if status == 400 and invalid is not None:
+                    raise invalid from None
                 retryable = isinstance(error, RateLimited) or (status in RETRYABLE and not sending)
                 if not retryable:
                     raise error from None
@@ -337,6 +387,7 @@ class GmailDriver:
         result: dict[str, Any] = await self._call(
             lambda s: s.users().messages().get(userId=USER, id=message_id, format=form),
             not_found="MESSAGE_NOT_FOUND",
+            invalid=_bad_id("name", "message"),
         )
         return result
 
@@ -420,7 +471,7 @@ class GmailDriver:
         await self.current_history_id()
 
     async def close(self) -> None:
-        return None
+        self._http.close()
 
 
 def _history_page(service: Any, *, start: int, page_token: str | None) -> HttpRequest:

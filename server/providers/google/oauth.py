@@ -113,6 +113,8 @@ class GoogleOAuth:
         self._verify: str | bool = str(config.ca_file) if config.ca_file else True
         self._timeout = config.timeout_seconds
         self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
 
     # -- consent ---------------------------------------------------------------------------------------------------
 
@@ -243,15 +245,26 @@ class GoogleOAuth:
             metadata={"http_status": str(response.status_code)},
         )
 
+    def close(self) -> None:
+        """Close every thread's kept-alive connections (at shutdown)."""
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+
     # -- HTTP ------------------------------------------------------------------------------------------------------
 
     def _session(self) -> requests.Session:
         # One session per thread: requests sessions are not documented as thread-safe.
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
+            session = _Session()
+            # Not from the environment: REQUESTS_CA_BUNDLE would replace the configured CA, a proxy variable would
+            # route tokens through a proxy.
+            session.trust_env = False
             session.verify = self._verify
             self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
         return session
 
     def _request(self) -> google.auth.transport.requests.Request:
@@ -289,6 +302,17 @@ class GoogleOAuth:
             reason="PROVIDER_ERROR",
             metadata={"http_status": str(response.status_code)},
         )
+
+
+class _Session(requests.Session):
+    """A session whose own ``verify`` (the configured CA file) wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE:
+    plain requests lets the environment override ``Session.verify`` (psf/requests#3829, #4650)."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and self.verify is not True:
+            settings["verify"] = self.verify
+        return settings
 
 
 def _error_code(response: requests.Response) -> str:
