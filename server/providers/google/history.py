@@ -86,7 +86,7 @@ class HistoryWatcher(UpstreamBase):
             self._position = await self._driver.current_history_id()
             self._broadcast([self._resync()])
             return
-        events = await self._events(records)
+        events = await self._events(records, self._position)
         self._position = latest
         if events:
             self._broadcast(events)
@@ -117,20 +117,27 @@ class HistoryWatcher(UpstreamBase):
             subscriber.deliver(self._resync())
             return
         # Only up to where the live feed is: what comes after reaches this subscriber from the next poll.
-        events = await self._events([r for r in records if int(r.get("id", 0)) <= self._position])
+        events = await self._events([r for r in records if int(r.get("id", 0)) <= self._position], start)
         subscriber.deliver_all(events, self.folder_id)
 
     def _resync(self, reason: ResyncReason = ResyncReason.CURSOR_EXPIRED) -> FeedEvent:
         return FeedEvent(ResyncRequired(reason, self.folder_id), _cursor(self._position), datetime.now(UTC))
 
-    async def _events(self, records: list[dict[str, Any]]) -> list[FeedEvent]:
+    async def _events(self, records: list[dict[str, Any]], start: int) -> list[FeedEvent]:
+        """The feed events of ``records`` (which follow ``start``). A record can hold several changes: only its last
+        event carries the record's id; the ones before it carry the position before the record, so resuming from any
+        of them replays the rest of the record (a repeat, never a loss)."""
         label = self.folder_id
         events: list[FeedEvent] = []
         now = datetime.now(UTC)
+        previous = start
         for record in records:
             record_id = int(record.get("id", 0))
-            for change in await self._changes(record, label):
-                events.append(FeedEvent(change, _cursor(record_id), now))
+            changes = await self._changes(record, label)
+            for index, change in enumerate(changes):
+                position = record_id if index == len(changes) - 1 else previous
+                events.append(FeedEvent(change, _cursor(position), now))
+            previous = max(previous, record_id)
         return events
 
     async def _changes(self, record: dict[str, Any], label: str) -> list[Any]:
