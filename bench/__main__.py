@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke pass that finishes in < 60 s")
     parser.add_argument("--only", action="append", choices=sorted(FIGURES), metavar="NAME", help="run only NAME")
     parser.add_argument("--profile", action="store_true", help="record the broker with py-spy during each figure")
+    parser.add_argument(
+        "--probe", action="store_true", help="run the broker under bench/probe.py: GC pauses and event-loop stalls"
+    )
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results", help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (broker and Dovecot logs)")
     parser.add_argument("--list", action="store_true", help="list the figures and exit")
@@ -77,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir=workdir,
         pki=make_test_pki(workdir),
         profile_dir=args.results / f"{stamp}-profiles" if args.profile else None,
+        probe=args.probe,
     )
     results = []
     try:

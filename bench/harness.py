@@ -137,18 +137,28 @@ class BrokerProcess:
         mail_ca: Path,
         *,
         settings: Mapping[str, Mapping[str, Any]] | None = None,
+        probe: bool = False,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.pki = pki
         self.config_path = directory / "broker.toml"
         self.log_path = directory / "broker.log"
         self.banner_path = directory / "broker.out"
+        # With a probe (bench/probe.py), GC pauses and event-loop stalls of the broker go to probe.jsonl.
+        self.probe_path = directory / "probe.jsonl" if probe else None
         self.config_path.write_text(broker_toml(directory, pki, mail_ca, settings or {}))
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("MAILBROKER_", "GRPC_"))}
         started = time.monotonic()
         with self.log_path.open("ab") as log, self.banner_path.open("wb") as banner:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--config", str(self.config_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    *(["bench.probe", str(self.probe_path)] if self.probe_path else ["server.cli"]),
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                ],
                 cwd=REPO,
                 env=environ,
                 stdin=subprocess.DEVNULL,
@@ -179,6 +189,13 @@ class BrokerProcess:
 
     def status(self) -> ProcStatus:
         return status(self.pid)
+
+    def probe_records(self, since: float = 0.0, until: float = float("inf")) -> list[dict[str, Any]]:
+        """The probe's records (GC pauses, event-loop stalls) stamped between ``since`` and ``until``."""
+        if self.probe_path is None or not self.probe_path.exists():
+            return []
+        records = [json.loads(line) for line in self.probe_path.read_text().splitlines() if line.strip()]
+        return [r for r in records if since <= r["at"] <= until]
 
     def stop(self) -> None:
         """SIGTERM (graceful shutdown), SIGKILL if it takes longer than STOP_TIMEOUT."""
@@ -249,6 +266,7 @@ class Run:
     workdir: Path
     pki: TestPki
     profile_dir: Path | None = None
+    probe: bool = False
 
     def count(self, full: N, quick: N) -> N:
         """``full`` in a full run, ``quick`` in a quick one."""
@@ -268,7 +286,7 @@ class Run:
         directory = self.workdir / "-".join(filter(None, (result.figure, name)))
         with (
             MailHarness(extra_config=dovecot_config) as mail,
-            BrokerProcess(directory, self.pki, mail.ca_path, settings=settings) as process,
+            BrokerProcess(directory, self.pki, mail.ca_path, settings=settings, probe=self.probe) as process,
         ):
             result.details["broker_start_seconds"] = round(process.start_seconds, 3)
             yield mail, process

@@ -325,6 +325,7 @@ async def _watched_accounts(run: Run, result: FigureResult, mail: MailHarness, b
         await asyncio.to_thread(sender.close)
 
     latencies = [w.result() - began[n] for n, w in enumerate(waiting) if w.done() and not w.cancelled()]
+    _probe_findings(result, broker, began, waiting)
     missing = delivery_count - len(latencies)
     latency = Latency.of(latencies) if latencies else None
     threads = max(sampler.max_threads, watching.threads, after.threads)
@@ -395,6 +396,48 @@ async def _watched_accounts(run: Run, result: FigureResult, mail: MailHarness, b
         lmtp_ms=[round(x * 1000, 1) for x in lmtp],
         cpu={"broker_cores": cpu.process_cores, "machine_cores": cpu.machine_cores},
     )
+
+
+def _probe_findings(
+    result: FigureResult, broker: BrokerProcess, began: list[float], waiting: list[asyncio.Future[float]]
+) -> None:
+    """With --probe: the broker's GC pauses and event-loop stalls while the deliveries ran, and for each late event
+    (> 100 ms) the pauses and stalls between its delivery and its arrival."""
+    if broker.probe_path is None or not began:
+        return
+    records = broker.probe_records(began[0], began[-1] + STRAGGLERS)
+    gcs = [r for r in records if r["kind"] == "gc"]
+    stalls = [r for r in records if r["kind"] == "stall"]
+    result.add(
+        "broker GC pauses ≥ 5 ms while events flowed",
+        len(gcs),
+        "",
+        detail=f"longest {max((r['ms'] for r in gcs), default=0):.0f} ms, total {sum(r['ms'] for r in gcs):.0f} ms",
+    )
+    result.add(
+        "broker event-loop stalls ≥ 20 ms",
+        len(stalls),
+        "",
+        detail=f"longest {max((r['ms'] for r in stalls), default=0):.0f} ms",
+    )
+    late = []
+    for number, future in enumerate(waiting):
+        if not future.done() or future.cancelled() or future.result() - began[number] < 0.1:
+            continue
+        window = [r for r in records if began[number] - 0.05 <= r["at"] <= future.result()]
+        late.append(
+            {
+                "delivery": number,
+                "delivered_at": round(began[number] - began[0], 3),
+                "ms": round((future.result() - began[number]) * 1000, 1),
+                "in_between": [{**r, "at": round(r["at"] - began[0], 3)} for r in window],
+            }
+        )
+    result.details["probe"] = {
+        "gc": [{**r, "at": round(r["at"] - began[0], 3)} for r in gcs],
+        "stalls": [{**r, "at": round(r["at"] - began[0], 3)} for r in stalls],
+        "late_events": late,
+    }
 
 
 async def _connect_all(channel: grpc.aio.Channel, mail: MailHarness, boxes: Sequence[Mailbox]) -> list[str]:

@@ -11,6 +11,7 @@ left out of both, so the shares are of the time the broker spent working.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -24,6 +25,9 @@ from pathlib import Path
 from bench.report import REPO
 
 RATE = 250  # samples per second: enough detail for a few seconds, little overhead on a 2-core machine
+# "raw" (collapsed stacks, summarised below); BENCH_PROFILE_FORMAT=chrometrace keeps each sample's time instead,
+# to see what the broker did at one moment (a stall the probe found), in chrome://tracing or Perfetto.
+FORMAT = os.environ.get("BENCH_PROFILE_FORMAT", "raw")
 _THREAD = re.compile(r"^(?:thread|process) \(")
 _WAITS = (
     "select (selectors.py",
@@ -80,7 +84,7 @@ def record(pid: int, raw_path: Path) -> Iterator[Profile]:
             "--rate",
             str(RATE),
             "--format",
-            "raw",
+            FORMAT,
             "--threads",
             "--nonblocking",
             "--output",
@@ -98,7 +102,9 @@ def record(pid: int, raw_path: Path) -> Iterator[Profile]:
         except subprocess.TimeoutExpired:
             process.kill()
             _, stderr = process.communicate()
-        if raw_path.exists():
+        if raw_path.exists() and FORMAT != "raw":
+            profile.error = f"{FORMAT} written to {raw_path}, not summarised"
+        elif raw_path.exists():
             summarise(raw_path, profile)
         else:
             profile.error = stderr.decode(errors="replace").strip()[-300:] or "no output"

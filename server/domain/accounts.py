@@ -20,7 +20,9 @@ class Accounts:
         self._pages = paging.PageTokens(tokens, "accounts")
 
     async def get(self, principal: Principal, account_id: str) -> Account:
-        account = await self._blocking.run(self._store.get_account, principal.tenant, account_id)
+        account = self._store.cached_account(principal.tenant, account_id) or await self._blocking.run(
+            self._store.get_account, principal.tenant, account_id
+        )
         if account is None:
             # The same answer whether the account is missing or another tenant's: existence never leaks.
             raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")

@@ -33,7 +33,7 @@ from server.domain.models import (
     TransportSecurity,
 )
 from server.errors import AlreadyExists, NotFound
-from server.store import audit
+from server.store import account_cache, audit
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import WRITE_INTENT
 from server.store.ids import new_event_id
@@ -67,9 +67,12 @@ class Store:
         *,
         clock: Callable[[], datetime] = _utcnow,
         audit_anchor: AuditAnchor | None = None,
+        account_cache_seconds: float = account_cache.DEFAULT_TTL,
     ) -> None:
         self._engine = engine
-        self._writer = engine.execution_options(**{WRITE_INTENT: True})
+        # Every write goes through _writer, which empties the cache of opened accounts afterwards.
+        self._accounts = account_cache.AccountCache(account_cache_seconds)
+        self._writer = account_cache.Writes(engine.execution_options(**{WRITE_INTENT: True}), self._accounts)
         self._keyring = keyring
         self._clock = clock
         self._audit_lock = threading.Lock()
@@ -119,10 +122,20 @@ class Store:
 
     def get_account(self, tenant: str, account_id: str) -> Account | None:
         """Return the account if it exists and belongs to ``tenant``; None otherwise (never say which)."""
+        generation = self._accounts.generation
         query = _account_query().where(accounts.c.id == account_id, accounts.c.tenant == tenant)
         with self._engine.connect() as connection:
             row = connection.execute(query).one_or_none()
-        return None if row is None else self._account_from_row(row)
+        if row is None:
+            return None
+        account = self._account_from_row(row)
+        self._accounts.put(account, generation)
+        return account
+
+    def cached_account(self, tenant: str, account_id: str) -> Account | None:
+        """Non-blocking (no I/O, safe on the event loop): what ``get_account`` returned within the last
+        ``account_cache_seconds`` with no write since; None means ask ``get_account``."""
+        return self._accounts.get(tenant, account_id)
 
     def list_accounts(self, tenant: str, page_size: int, after_id: str | None = None) -> list[Account]:
         """Return up to ``page_size`` of the tenant's accounts ordered by id, starting after ``after_id``."""

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from server.domain.blocking import BlockingPool
 from server.domain.mail import (
@@ -61,6 +61,8 @@ UNSELECTABLE = {b"\\noselect", b"\\nonexistent"}
 SYSTEM_FLAGS = {b"\\seen", b"\\flagged", b"\\answered", b"\\draft", b"\\deleted", b"\\recent"}
 LIST_HEADERS = b"BODY.PEEK[HEADER.FIELDS (FROM TO CC BCC REPLY-TO SUBJECT DATE MESSAGE-ID)]"
 SUMMARY_ITEMS = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", LIST_HEADERS]
+METADATA_ITEMS = (b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"BODY.PEEK[HEADER]")
+FULL_ITEMS = (*METADATA_ITEMS, b"BODYSTRUCTURE")
 MAX_BODY_BYTES = 12 * 1024 * 1024  # text + HTML in a FULL view, encoded; under the 16 MiB response limit
 SUMMARY_BATCH = 500  # UIDs per FETCH: a feed catching up on thousands of changes stays under command-line limits
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
@@ -275,16 +277,15 @@ class ImapDriver:
 # Blocking helpers: run in a worker thread with a pooled session, inside provider_errors().
 
 
-def _select(session: ImapSession, folder: str, *, fresh: bool = False) -> None:
+def _select(session: ImapSession, folder: str, *, fresh: bool = False, sync: bool = True) -> None:
+    """EXAMINE ``folder`` unless the session has it selected already. Then, with ``sync``, a NOOP (far cheaper than
+    a new EXAMINE of a large folder) lets the server tell this session of messages added and expunged by others, so
+    a listing is never read from a stale view. Reads by UID pass ``sync=False``: the server reports those changes
+    after the UID FETCH itself, and ``_fetch_uid`` looks at them (one round trip instead of two)."""
     if session.selected == (folder, True) and not fresh:
-        # Already selected: a NOOP (far cheaper than a new EXAMINE of a large folder) lets the server tell this
-        # session of messages added and expunged by others, so nothing is read from a stale view.
-        _, updates = session.client.noop()
-        for update in updates:
-            if len(update) >= 2 and update[1] == b"EXISTS":
-                session.exists = int(update[0])
-            elif len(update) >= 2 and update[1] == b"EXPUNGE":
-                session.exists = max(0, session.exists - 1)
+        if sync:
+            session.client.noop()
+        session.take_updates()
         return
     client = session.client
     try:
@@ -298,7 +299,32 @@ def _select(session: ImapSession, folder: str, *, fresh: bool = False) -> None:
         raise
     session.selected = (folder, True)
     session.uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+    session.updates.clear()  # the EXAMINE's own EXISTS is in ``info``
     session.exists = int(info.get(b"EXISTS", 0))
+
+
+# A UID FETCH of a message another session expunged (RFC 2180 4.1.2): Dovecot answers NO [EXPUNGEISSUED] or
+# "no longer exist"; other servers say NO with other words, or return nothing for the UID.
+_GONE_MARKS = ("EXPUNGEISSUED", "NO LONGER EXIST", "HAS BEEN DELETED", "EXPUNGED")
+
+
+def _fetch_uid(session: ImapSession, uid: int, items: Sequence[bytes]) -> dict[bytes, Any] | None:
+    """FETCH ``items`` of one message by UID in the selected folder; None when the message does not exist, including
+    when the server reports, with this very command, that it was expunged (it may still answer from its cache for a
+    message expunged by another session that this session has not been told of yet)."""
+    session.take_updates()  # reports left by earlier commands: the window below is this command's alone
+    try:
+        data = session.client.fetch([uid], list(items)).get(uid)
+    except IMAPClientAbortError:
+        raise
+    except IMAPClientError as exc:
+        session.take_updates()
+        if any(mark in str(exc).upper() for mark in _GONE_MARKS):
+            return None
+        raise
+    sequence = data.get(b"SEQ") if data else None
+    gone = session.take_updates(follow=int(sequence) if isinstance(sequence, int) else None)
+    return None if gone or not data else data
 
 
 def _count_below(client: IMAPClient, below: int) -> int:
@@ -396,7 +422,7 @@ def _summary(
 
 def _check_uidvalidity(session: ImapSession, ref: ids.MessageRef) -> None:
     try:
-        _select(session, ref.folder)
+        _select(session, ref.folder, sync=False)
     except NotFound as exc:  # the resource asked for is the message: its folder being gone is a detail
         raise NotFound("message not found", reason="MESSAGE_NOT_FOUND") from exc
     if session.uidvalidity != ref.uidvalidity:
@@ -404,12 +430,8 @@ def _check_uidvalidity(session: ImapSession, ref: ids.MessageRef) -> None:
 
 
 def _get_message(session: ImapSession, ref: ids.MessageRef, view: MessageView) -> Message:
-    client = session.client
     _check_uidvalidity(session, ref)
-    items = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"BODY.PEEK[HEADER]"]
-    if view is MessageView.FULL:
-        items.append(b"BODYSTRUCTURE")
-    data = client.fetch([ref.uid], items).get(ref.uid)
+    data = _fetch_uid(session, ref.uid, FULL_ITEMS if view is MessageView.FULL else METADATA_ITEMS)
     if not data:
         raise NotFound("message not found", reason="MESSAGE_NOT_FOUND")
     message = _summary(ref.folder, ref.uidvalidity, ref.uid, data, view, with_headers=True)
@@ -424,7 +446,9 @@ def _get_message(session: ImapSession, ref: ids.MessageRef, view: MessageView) -
         )
     bodies: dict[str, str] = {}
     if wanted:
-        fetched = client.fetch([ref.uid], [f"BODY.PEEK[{p.section}]".encode() for p in wanted]).get(ref.uid, {})
+        fetched = _fetch_uid(session, ref.uid, [f"BODY.PEEK[{p.section}]".encode() for p in wanted])
+        if fetched is None:
+            raise NotFound("message not found", reason="MESSAGE_NOT_FOUND")
         for part in wanted:
             raw = _item(fetched, f"BODY[{part.section}]".encode()) or b""
             bodies[part.section] = _decode_text(raw, part)
@@ -458,7 +482,7 @@ def _attachment_info(part: StructurePart) -> AttachmentInfo:
 
 def _find_part(session: ImapSession, ref: ids.MessageRef, section: str) -> StructurePart:
     _check_uidvalidity(session, ref)
-    data = session.client.fetch([ref.uid], [b"BODYSTRUCTURE"]).get(ref.uid)
+    data = _fetch_uid(session, ref.uid, [b"BODYSTRUCTURE"])
     if not data:
         raise NotFound("message not found", reason="MESSAGE_NOT_FOUND")
     for part in parts_from_bodystructure(data.get(b"BODYSTRUCTURE")):
@@ -469,7 +493,7 @@ def _find_part(session: ImapSession, ref: ids.MessageRef, section: str) -> Struc
 
 def _fetch_range(session: ImapSession, ref: ids.MessageRef, section: str, start: int, size: int) -> bytes:
     _check_uidvalidity(session, ref)
-    data = session.client.fetch([ref.uid], [f"BODY.PEEK[{section}]<{start}.{size}>".encode()]).get(ref.uid)
+    data = _fetch_uid(session, ref.uid, [f"BODY.PEEK[{section}]<{start}.{size}>".encode()])
     if not data:
         raise NotFound("message not found", reason="MESSAGE_NOT_FOUND")
     value = _item(data, f"BODY[{section}]".encode())

@@ -4,12 +4,15 @@ exponential backoff and jitter. Each connection is used by one operation at a ti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import re
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from imapclient import IMAPClient
 
@@ -20,17 +23,69 @@ from server.providers.imap.connection import ConnectionLost, close_imap, provide
 log = logging.getLogger("mailbroker.imap.pool")
 
 T = TypeVar("T")
+_FETCH_SEQ = re.compile(rb"^(\d+) \(")
+# The server's reports that change the selected folder's numbering, kept in the order they arrived.
+_TRACKED = frozenset({"EXISTS", "EXPUNGE"})
 
 
 @dataclass
 class ImapSession:
-    """A pooled connection and what it has selected, so consecutive reads of one folder skip the SELECT."""
+    """A pooled connection and what it has selected, so consecutive reads of one folder skip the SELECT.
+
+    ``updates`` holds, in arrival order, every ``* n EXISTS``, ``* n EXPUNGE`` and the sequence number of every
+    ``* n FETCH`` the server sent on this connection, whatever command it came with (imaplib files untagged
+    responses by kind and so loses their order, which is what sequence-number bookkeeping needs). The driver
+    consumes it to keep ``exists`` right and to tell that a message it just fetched was expunged meanwhile.
+    """
 
     client: IMAPClient
     last_used: float = field(default_factory=time.monotonic)
     selected: tuple[str, bool] | None = None  # (folder, readonly)
     uidvalidity: int = 0
     exists: int = 0
+    updates: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        imap = getattr(self.client, "_imap", None)
+        original = getattr(type(imap), "_append_untagged", None)
+        if imap is None or original is None:  # not a real connection (unit tests' fakes)
+            return
+        updates = self.updates
+        connection = weakref.ref(imap)  # no reference cycle: the connection is freed (and closed) as before
+
+        def record(typ: str, dat: Any) -> None:
+            if typ in _TRACKED:
+                with contextlib.suppress(TypeError, ValueError):
+                    updates.append((typ, int(dat)))
+            elif typ == "FETCH":
+                head = dat[0] if isinstance(dat, tuple) else dat
+                if isinstance(head, bytes) and (match := _FETCH_SEQ.match(head)) is not None:
+                    updates.append((typ, int(match.group(1))))
+            target = connection()
+            if target is not None:
+                original(target, typ, dat)
+
+        imap._append_untagged = record  # imaplib's one entry point for untagged data (stdlib, stable)
+
+    def take_updates(self, follow: int | None = None) -> bool:
+        """Apply the pending reports to ``exists``; with ``follow`` (the sequence number a FETCH just reported for
+        a message), also say whether an EXPUNGE after that FETCH removed that message."""
+        updates, self.updates[:] = list(self.updates), []
+        gone = False
+        tracking = False
+        for typ, number in updates:
+            if typ == "EXISTS":
+                self.exists = number
+            elif typ == "EXPUNGE":
+                self.exists = max(0, self.exists - 1)
+                if tracking and follow is not None and not gone:
+                    if number == follow:
+                        gone = True
+                    elif number < follow:
+                        follow -= 1
+            elif follow is not None and number == follow:
+                tracking = True  # expunges reported before this FETCH were already counted in its number
+        return gone
 
 
 class ImapPool:
