@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +25,10 @@ from server.errors import BrokerError, ProviderUnavailable, ResourceExhausted
 log = logging.getLogger("mailbroker.feeds")
 
 SUBSCRIBER_QUEUE = 1000
+# gc.freeze() once watchers stop starting (this long after the last new one), when this many more run than at the
+# last freeze: see FeedHub._settle_gc.
+GC_SETTLE_SECONDS = 5.0
+GC_FREEZE_GROWTH = 100
 
 
 class FeedEnded(Exception):
@@ -154,6 +160,29 @@ class FeedHub:
         # Every watcher task until it has finished, cancelled ones included, so shutdown can wait for their
         # connections to close.
         self._tasks: set[asyncio.Task[None]] = set()
+        self._frozen_at = 0  # watchers running at the last gc.freeze()
+        self._gc_settle: asyncio.TimerHandle | None = None
+
+    def _settle_gc(self) -> None:
+        """A watcher's objects live as long as it does, and at 1,000 feeds the GC's full collections over them
+        stalled the event loop for 0.4-1.5 s (bench --probe). So once watchers stop starting, with many more running
+        than at the last freeze, everything alive moves into the GC's permanent generation (gc.freeze; reference
+        counting still frees it); when fewer than half as many run again, it is unfrozen."""
+        if self._gc_settle is not None:
+            self._gc_settle.cancel()
+
+        def settle() -> None:
+            self._gc_settle = None
+            running = len(self._running)
+            if running >= self._frozen_at + GC_FREEZE_GROWTH:
+                gc.collect(1)  # the young generations' garbage first (cheap); it would never be collected after
+                gc.freeze()
+                self._frozen_at = running
+            elif running < self._frozen_at // 2:
+                gc.unfreeze()
+                self._frozen_at = running
+
+        self._gc_settle = asyncio.get_running_loop().call_later(GC_SETTLE_SECONDS, settle)
 
     @property
     def watched_accounts(self) -> int:
@@ -175,6 +204,7 @@ class FeedHub:
             task.add_done_callback(self._tasks.discard)
             running = _Running(upstream, task)
             self._running[key] = running
+            self._settle_gc()
         subscriber = Subscriber()
         running.upstream.join(subscriber, cursor)
         return subscriber
@@ -216,6 +246,8 @@ class FeedHub:
         return len(keys)
 
     async def close(self) -> None:
+        if self._gc_settle is not None:
+            self._gc_settle.cancel()
         self._running = {}
         tasks = list(self._tasks)
         for task in tasks:
@@ -252,8 +284,11 @@ class FolderListWatcher(UpstreamBase):
                 log.info("folder poll failed", extra={"reason": exc.reason, "component": "feeds"})
             self._admit()
             self._wake.clear()
+            # Jittered: watchers started together (a broker restart, a thousand clients resuming) would otherwise poll
+            # in waves, a thousand LISTs at once, holding up every feed's reads for a second (bench --probe).
+            wait = self._interval * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not crypto
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):  # not wait_for: see aioimap._readline
+                async with asyncio.timeout(wait):  # not wait_for: see aioimap._readline
                     await self._wake.wait()
 
     async def _poll(self) -> None:
