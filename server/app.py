@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -122,6 +122,7 @@ class Broker:
     drivers: Drivers
     feeds: FeedHub
     auto_eraser: AutoEraser | None = None
+    closers: tuple[Callable[[], None], ...] = ()  # run last, after the thread pools stopped
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, end open streams so clients resume elsewhere, then close."""
@@ -136,6 +137,8 @@ class Broker:
         await self.drivers.close()
         for pool in self.pools:
             pool.shutdown()
+        for close in self.closers:
+            close()
         log.info("stopped", extra={"event": "shutdown"})
 
     async def wait(self) -> None:
@@ -250,6 +253,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         drivers,
         feeds,
         auto_eraser,
+        closers=tuple(client.close for client in oauth_clients.values()),
     )
 
 

@@ -66,6 +66,10 @@ class OAuthClient(Protocol):
 
     def revoke(self, token: str) -> None: ...
 
+    def close(self) -> None:
+        """Close kept-alive connections (at shutdown)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BeginResult:
