@@ -56,6 +56,9 @@ class Backend(abc.ABC):
     name: str
     #: The provider has folders the account can create and delete (IMAP, Outlook; Gmail has labels instead).
     has_folders: bool
+    #: Paging stays exact while the folder changes between pages (IMAP: the driver pages by UID). Where paging is
+    #: the provider's own opaque page token and its documentation promises nothing under change (Gmail), False.
+    exact_paging_under_change: bool = True
 
     @property
     @abc.abstractmethod

@@ -75,6 +75,9 @@ class GmailBackend(Backend):
 
     name = "gmail"
     has_folders = False  # labels; the driver cannot create or delete them (no gmail.labels scope is asked for)
+    # messages.list pages with Gmail's own nextPageToken, whose behaviour under concurrent change is undocumented;
+    # the broker does not pretend otherwise (paging by `before:` would need the query that gmail.metadata forbids).
+    exact_paging_under_change = False
 
     def __init__(self, emulator: GoogleEmulator, client: Client) -> None:
         self._emulator = emulator

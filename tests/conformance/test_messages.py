@@ -145,6 +145,8 @@ async def test_a_query_lists_only_matching_messages(backend: Backend) -> None:
 
 
 async def test_paging_stays_exact_while_the_folder_changes(backend: Backend) -> None:
+    if not backend.exact_paging_under_change:
+        pytest.skip(f"{backend.name} pages with the provider's own page tokens")
     driver = await backend.new_driver()
     seeded = await _seed(backend, [f"Changing {n}" for n in range(10)])
     first = await driver.list_messages(None, None, 4, None)

@@ -540,3 +540,38 @@ async def test_delete_account_revokes_at_google_and_ends_feeds(google: GoogleSet
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await _read_to_the_end(stream, [])
         assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_one_history_poller_serves_every_watched_label_of_an_account(
+    google: GoogleSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.providers.google.gmail import GmailDriver
+
+    callers: set[asyncio.Task[object] | None] = set()
+    original = GmailDriver.history_since
+
+    async def recording(self: GmailDriver, start: int) -> object:
+        callers.add(asyncio.current_task())
+        return await original(self, start)
+
+    monkeypatch.setattr(GmailDriver, "history_since", recording)
+    async with serving(google) as broker, broker.channel(broker.pki.alice) as channel:
+        accounts, mail = stubs(channel)
+        account = await _connect(accounts, google.emulator, [rpb.CAPABILITY_READ])
+        inbox = mail.WatchMailbox(mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=HEARTBEAT))
+        starred = mail.WatchMailbox(
+            mpb.WatchMailboxRequest(
+                account=account.name, folders=[f"{account.name}/folders/STARRED"], heartbeat_interval=HEARTBEAT
+            )
+        )
+        for stream in (inbox, starred):
+            assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        google.emulator.deliver(USER, _mail("canary both"), label_ids=("INBOX", "STARRED", "UNREAD"))
+        for stream in (inbox, starred):
+            event = await stream.read()
+            while event.WhichOneof("event") == "heartbeat":
+                event = await stream.read()
+            assert event.message_added.message.subject == "canary both"
+        inbox.cancel()
+        starred.cancel()
+    assert len(callers) == 1, "each label polled the account's history on its own"

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import google.oauth2.credentials
 import google_auth_httplib2
@@ -61,6 +61,9 @@ from server.errors import (
 from server.providers import mime
 from server.providers.base import ATTACHMENT_CHUNK_BYTES, DriverCapabilities
 from server.providers.mime import BuiltMessage
+
+if TYPE_CHECKING:
+    from server.providers.google.history import AccountHistory
 
 log = logging.getLogger("mailbroker.gmail")
 
@@ -257,6 +260,7 @@ class GmailDriver:
         self._settings = settings
         self._labels: frozenset[str] | None = None
         self._http = _ThreadHttp(settings.ca_file, settings.timeout_seconds)
+        self._history: AccountHistory | None = None  # the account's one history poller, made on first watch
 
     # -- calls -----------------------------------------------------------------------------------------------------
 
@@ -463,9 +467,11 @@ class GmailDriver:
                 return records, latest
 
     def folder_watcher(self, folder_id: str) -> Upstream:
-        from server.providers.google.history import HistoryWatcher
+        from server.providers.google.history import AccountHistory, HistoryWatcher
 
-        return HistoryWatcher(self, _check_id(folder_id, "folders", "label"), self._settings.history_poll_seconds)
+        if self._history is None:
+            self._history = AccountHistory(self, self._settings.history_poll_seconds)
+        return HistoryWatcher(self, _check_id(folder_id, "folders", "label"), self._history)
 
     async def verify(self) -> None:
         await self.current_history_id()
