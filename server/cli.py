@@ -242,7 +242,7 @@ def _key_file_for_rotation(config: Config) -> Path:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    from server.crypto.keyring import add_key_version
+    from server.crypto.keyring import KeyFileKeyring, add_key_version
     from server.store.rotation import kek_usage, rewrap_data_keys
 
     config = _load(args)
@@ -251,6 +251,9 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     try:
         version = add_key_version(key_file)
         print(f"added key-encryption key version {version} to {key_file}; it is now current")
+        # Running brokers look at the key file at most once per check interval: once it has passed, none wraps a
+        # new data key with the old version, so the rewrap below leaves none behind.
+        time.sleep(KeyFileKeyring.check_interval_seconds + 0.1)
         rewrapped = rewrap_data_keys(access.engine, access.keyring)
         usage = kek_usage(access.engine)
         held = sorted(access.keyring.keys)

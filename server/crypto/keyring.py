@@ -10,12 +10,13 @@ Key file (JSON, mode 0600)::
 Loading fails closed with a one-line :class:`~server.errors.ConfigurationError` that names the file or setting and
 never the key material. No parsing exception is chained onto it, because some (``JSONDecodeError.doc``) carry it.
 
-Online rotation: a keyring loaded from a file is a :class:`KeyFileKeyring`, which follows its file. Every use
-``stat``s the file (about a microsecond) and reloads it when its identity (device, inode, size, mtime) changed;
-the file is only ever replaced by an atomic rename, so a reload sees a whole old or a whole new file. So a
-running broker wraps new data keys with a version the moment ``mailbroker keys rotate`` makes it current, unwraps
-keys rewrapped under it, and can no longer use a version the moment ``mailbroker keys retire`` removes it. A
-version it does not hold also forces a reload, in case the file changed within the stat's time resolution. A file
+Online rotation: a keyring loaded from a file is a :class:`KeyFileKeyring`, which follows its file. A use
+``stat``s the file at most once per ``check_interval_seconds`` (1 s) and reloads it when its identity (device,
+inode, size, mtime) changed; the file is only ever replaced by an atomic rename, so a reload sees a whole old or a
+whole new file. So a running broker wraps new data keys with a version within a second of ``mailbroker keys
+rotate`` making it current (the command waits that long before it rewraps), unwraps keys rewrapped under it, and
+can no longer use a version within a second of ``mailbroker keys retire`` removing it. A version it does not hold
+forces a reload at once, in case the file changed within the interval or the stat's time resolution. A file
 that becomes unreadable or invalid keeps the last good keyring in use (logged once): rotation must never take a
 serving broker down. Keys from ``MAILBROKER_KEKS`` are fixed for the life of the process.
 """
@@ -30,6 +31,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,12 +96,18 @@ def _identity(path: Path) -> _FileIdentity | None:
 class KeyFileKeyring(Keyring):
     """A keyring that follows its key file (see the module docstring): reloaded whenever the file is replaced."""
 
+    # The key file is looked at no more often than this (a stat on every seal and unwrap cost the event loop GIL
+    # waits under load): a rotation or retirement reaches a running broker within this time. A version the
+    # keyring does not hold is looked up at once.
+    check_interval_seconds = 1.0
+
     # Not dataclass fields: set once here or swapped whole under the lock, with object.__setattr__.
     path: Path
     _snapshot: Keyring
     _identity: _FileIdentity | None
     _refused: _FileIdentity | None
     _lock: threading.Lock
+    _checked: float
 
     def __init__(self, path: Path) -> None:
         identity = _identity(path)
@@ -110,6 +118,7 @@ class KeyFileKeyring(Keyring):
         object.__setattr__(self, "_identity", identity)
         object.__setattr__(self, "_refused", None)  # the identity of a file that failed to load, not retried
         object.__setattr__(self, "_lock", threading.Lock())
+        object.__setattr__(self, "_checked", time.monotonic())
 
     def kek(self, version: int) -> bytes:
         """Return the KEK of ``version`` as the key file holds it now; raise KeyringError if it does not."""
@@ -124,6 +133,10 @@ class KeyFileKeyring(Keyring):
 
     def _refresh(self, *, force: bool = False) -> Keyring:
         snapshot: Keyring = self._snapshot
+        now = time.monotonic()
+        if not force and now - self._checked < self.check_interval_seconds:
+            return snapshot
+        object.__setattr__(self, "_checked", now)
         identity = _identity(self.path)
         if identity is None or (identity == self._identity and not force):
             return snapshot

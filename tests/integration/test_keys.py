@@ -17,7 +17,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import resources_pb2 as rpb
 
 from server.crypto.datakeys import unwrap_data_key
-from server.crypto.keyring import KeyringError, add_key_version, load_keyring
+from server.crypto.keyring import KeyFileKeyring, KeyringError, add_key_version, load_keyring
 from tests.broker import RunningBroker, broker_config, error_reason, running_broker, seed_account, stubs
 from tests.integration import operator_cli
 from tests.pki import TestPki
@@ -104,7 +104,7 @@ class Load:
 
 
 async def test_rotation_under_concurrent_load_fails_no_rpc_and_leaves_no_key_on_the_old_version(
-    tmp_path: Path, pki: TestPki
+    tmp_path: Path, pki: TestPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = broker_config(tmp_path, pki)
     config_file = operator_cli.write_config(config, tmp_path / "mailbroker.toml")
@@ -151,6 +151,9 @@ async def test_rotation_under_concurrent_load_fails_no_rpc_and_leaves_no_key_on_
             assert status.status == 0
             assert _status_rows(status.stdout) == {1: (0, 0), 2: (ACCOUNTS, 0)}
 
+            # A running broker looks at the key file at most once a second; what follows checks the state after it
+            # has looked, without waiting a second for it.
+            monkeypatch.setattr(KeyFileKeyring, "check_interval_seconds", 0.0)
             retired = operator_cli.run(config_file, "keys", "retire", "1")
             assert retired.status == 0, retired.stderr
             key_file = json.loads(config.keyring_file.read_text())

@@ -36,7 +36,10 @@ def _replace(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def test_a_loaded_keyring_follows_rotation_and_retirement_of_its_file(key_file: Path) -> None:
+def test_a_loaded_keyring_follows_rotation_and_retirement_of_its_file(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(KeyFileKeyring, "check_interval_seconds", 0.0)  # see the next test for the interval
     keyring = load_keyring(key_file, {})
     assert isinstance(keyring, KeyFileKeyring)
     dek = new_data_key()
@@ -55,6 +58,29 @@ def test_a_loaded_keyring_follows_rotation_and_retirement_of_its_file(key_file: 
     assert unwrap_data_key(keyring, "acct", *new) == dek
 
 
+def test_the_key_file_is_looked_at_no_more_than_once_per_interval(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("server.crypto.keyring.time.monotonic", lambda: clock[0])
+    keyring = load_keyring(key_file, {})
+    assert isinstance(keyring, KeyFileKeyring)
+    stats: list[Path] = []
+    real_stat = os.stat
+    monkeypatch.setattr("server.crypto.keyring.os.stat", lambda path: stats.append(Path(path)) or real_stat(path))
+
+    assert add_key_version(key_file) == 2
+    for _ in range(100):
+        assert keyring.current()[0] == 1  # within the interval: no stat, the old current version
+    assert stats == []
+    clock[0] += KeyFileKeyring.check_interval_seconds
+    assert keyring.current()[0] == 2
+    assert len(stats) == 1
+    # A version the keyring does not hold is looked up at once, whatever the interval.
+    assert add_key_version(key_file) == 3
+    assert keyring.kek(3)
+
+
 def test_the_current_version_and_unknown_versions_cannot_be_removed(key_file: Path) -> None:
     with pytest.raises(ConfigurationError, match="current"):
         remove_key_version(key_file, 1)
@@ -63,7 +89,10 @@ def test_the_current_version_and_unknown_versions_cannot_be_removed(key_file: Pa
     assert [entry["version"] for entry in json.loads(key_file.read_text())["keys"]] == [1]
 
 
-def test_a_broken_replacement_file_keeps_the_last_good_keys_until_it_is_fixed(key_file: Path) -> None:
+def test_a_broken_replacement_file_keeps_the_last_good_keys_until_it_is_fixed(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(KeyFileKeyring, "check_interval_seconds", 0.0)
     keyring = load_keyring(key_file, {})
     good = key_file.read_text()
     kek = keyring.kek(1)
