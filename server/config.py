@@ -166,6 +166,48 @@ class GoogleConfig:
 
 
 @dataclass(frozen=True)
+class MicrosoftConfig:
+    """Outlook / Microsoft 365 through the Microsoft identity platform (msal) and Microsoft Graph. Empty client_id →
+    MICROSOFT accounts are not offered (FAILED_PRECONDITION).
+
+    The client secret comes from ``client_secret``, the ``MAILBROKER_MICROSOFT_CLIENT_SECRET`` environment variable,
+    or ``client_secret_file`` (its first line); it is never logged. ``authority`` is the tenant part of the authority
+    URL: ``common``, ``organizations``, ``consumers`` or a tenant id or domain. The hosts default to Microsoft's;
+    tests point them at a local emulator.
+    """
+
+    client_id: str = ""
+    client_secret: str = ""
+    client_secret_file: Path | None = None
+    # The redirect URIs registered for the app; BeginOAuth accepts only these.
+    redirect_uris: tuple[str, ...] = ()
+    authority_host: str = "https://login.microsoftonline.com"
+    authority: str = "common"
+    graph_endpoint: str = "https://graph.microsoft.com/v1.0"
+    # A CA bundle that replaces the system trust store for the identity platform and Graph; empty → system.
+    ca_file: Path | None = None
+    # Per-request timeout; retries of 429/503 stop at the caller's deadline or after max_retry_seconds.
+    timeout_seconds: float = 30.0
+    max_retry_seconds: float = 20.0
+    # How often a watched account's folders are asked for their delta.
+    delta_poll_seconds: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_id)
+
+    def secret(self) -> str:
+        if self.client_secret:
+            return self.client_secret
+        if self.client_secret_file is not None:
+            try:
+                return self.client_secret_file.read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, IndexError, UnicodeDecodeError):
+                raise ConfigurationError("config: microsoft.client_secret_file cannot be read") from None
+        return ""
+
+
+@dataclass(frozen=True)
 class PolicyRule:
     """Identities (exact, or a ``prefix/*`` pattern) allowed to call methods (``*``, ``pkg.Service/*``,
     ``pkg.Service/Method``)."""
@@ -216,6 +258,7 @@ class Config:
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     google: GoogleConfig = field(default_factory=GoogleConfig)
+    microsoft: MicrosoftConfig = field(default_factory=MicrosoftConfig)
 
     @property
     def uses_dev_pki(self) -> bool:
@@ -376,6 +419,17 @@ def _validate(config: Config) -> None:
             raise ConfigurationError("config: google.redirect_uris must list at least one URI")
         if not google.secret():
             raise ConfigurationError("config: google needs a client secret (client_secret, its file or environment)")
+    microsoft = config.microsoft
+    if microsoft.enabled:
+        if not microsoft.redirect_uris:
+            raise ConfigurationError("config: microsoft.redirect_uris must list at least one URI")
+        if not microsoft.secret():
+            raise ConfigurationError("config: microsoft needs a client secret (client_secret, its file or environment)")
+        for name in ("authority_host", "graph_endpoint"):
+            if not getattr(microsoft, name).startswith("https://"):
+                raise ConfigurationError(f"config: microsoft.{name} must be an https:// URL")
+        if not microsoft.authority or not all(c.isalnum() or c in "-._" for c in microsoft.authority):
+            raise ConfigurationError("config: microsoft.authority must be common, organizations or a tenant id")
     if config.erasure.needs_reauth_erase_after_days < 0 or config.erasure.sweep_interval_seconds <= 0:
         raise ConfigurationError(
             "config: erasure.needs_reauth_erase_after_days must be >= 0 and erasure.sweep_interval_seconds positive"
