@@ -84,7 +84,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
             steps=[convert.erasure_step_to_proto(step) for step in receipt.steps],
             start_time=convert.timestamp(receipt.start_time),
             complete_time=convert.timestamp(receipt.complete_time),
-            audit_event=names.audit_event_name(receipt.audit_event_id),
+            audit_event=names.audit_event_name(receipt.audit_event_id) if receipt.audit_event_id else "",
         )
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
