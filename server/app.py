@@ -43,6 +43,8 @@ from server.interceptors.errors import ErrorMappingInterceptor
 from server.providers.google.gmail import GmailSettings
 from server.providers.google.oauth import GoogleOAuth
 from server.providers.imap.driver import ImapSettings
+from server.providers.microsoft.graph import GraphSettings
+from server.providers.microsoft.oauth import MicrosoftOAuth, microsoft_revoker
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.migrate import upgrade
@@ -166,7 +168,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     )
     accounts = Accounts(store, blocking, tokens)
     feeds = FeedHub()
-    oauth_clients, gmail_settings = _oauth_clients(config)
+    oauth_clients, gmail_settings, graph_settings = _oauth_clients(config)
     access_tokens = AccessTokens(
         store,
         blocking,
@@ -175,7 +177,9 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         refresh_margin_seconds=config.oauth.refresh_margin_seconds,
         on_reauth_needed=lambda account_id: _end_feeds_for_reauth(feeds, account_id),
     )
-    drivers = Drivers(store, blocking, providers, imap_settings, tokens=access_tokens, gmail=gmail_settings)
+    drivers = Drivers(
+        store, blocking, providers, imap_settings, tokens=access_tokens, gmail=gmail_settings, graph=graph_settings
+    )
 
     async def on_grant(account_id: str) -> None:
         access_tokens.forget(account_id)
@@ -195,6 +199,9 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         provider: provider_revoker(store, blocking, providers, client, access_tokens)
         for provider, client in oauth_clients.items()
     }
+    if Provider.MICROSOFT in oauth_clients:
+        # Microsoft has no per-app revocation: the receipt says so, and where the user removes the app.
+        revokers[Provider.MICROSOFT] = microsoft_revoker(access_tokens)
     erasure = Erasure(
         store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine), revokers=revokers
     )
@@ -257,10 +264,13 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     )
 
 
-def _oauth_clients(config: Config) -> tuple[dict[Provider, OAuthClient], GmailSettings | None]:
+def _oauth_clients(
+    config: Config,
+) -> tuple[dict[Provider, OAuthClient], GmailSettings | None, GraphSettings | None]:
     """The OAuth clients of the configured providers (none configured: only IMAP accounts are offered)."""
     clients: dict[Provider, OAuthClient] = {}
     gmail = None
+    graph = None
     if config.google.enabled:
         clients[Provider.GOOGLE] = GoogleOAuth(config.google)
         gmail = GmailSettings(
@@ -270,7 +280,16 @@ def _oauth_clients(config: Config) -> tuple[dict[Provider, OAuthClient], GmailSe
             max_retry_seconds=config.google.max_retry_seconds,
             history_poll_seconds=config.google.history_poll_seconds,
         )
-    return clients, gmail
+    if config.microsoft.enabled:
+        clients[Provider.MICROSOFT] = MicrosoftOAuth(config.microsoft)
+        graph = GraphSettings(
+            graph_endpoint=config.microsoft.graph_endpoint,
+            ca_file=config.microsoft.ca_file,
+            timeout_seconds=config.microsoft.timeout_seconds,
+            max_retry_seconds=config.microsoft.max_retry_seconds,
+            delta_poll_seconds=config.microsoft.delta_poll_seconds,
+        )
+    return clients, gmail, graph
 
 
 async def _end_feeds_for_reauth(feeds: FeedHub, account_id: str) -> None:

@@ -9,10 +9,11 @@ from typing import Any
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, Provider
 from server.domain.tokens import AccessTokens, AccountTokenSource
-from server.errors import FailedPrecondition, Unimplemented
+from server.errors import FailedPrecondition
 from server.providers.base import MailDriver
 from server.providers.google.gmail import GmailDriver, GmailSettings
 from server.providers.imap.driver import ImapDriver, ImapSettings
+from server.providers.microsoft.graph import GraphDriver, GraphSettings
 from server.store.repository import Store
 
 
@@ -28,9 +29,11 @@ class Drivers:
         *,
         tokens: AccessTokens | None = None,
         gmail: GmailSettings | None = None,
+        graph: GraphSettings | None = None,
     ) -> None:
         self._tokens = tokens
         self._gmail = gmail
+        self._graph = graph
         self._store = store
         self._blocking = blocking
         self._providers = providers
@@ -39,14 +42,20 @@ class Drivers:
         self._lock = asyncio.Lock()
 
     async def get(self, account: Account) -> MailDriver:
-        if account.provider is Provider.MICROSOFT:
-            raise Unimplemented(
-                "this provider's driver is not available in this version", reason="PROVIDER_NOT_IMPLEMENTED"
-            )
         async with self._lock:
             cached = self._drivers.get(account.id)
             if cached is not None and cached[0] == account.update_time:
                 return cached[1]
+            if account.provider is Provider.MICROSOFT:
+                if self._tokens is None or self._graph is None:
+                    raise FailedPrecondition(
+                        "this provider is not configured on this broker", reason="PROVIDER_NOT_CONFIGURED"
+                    )
+                graph: MailDriver = GraphDriver(AccountTokenSource(self._tokens, account), self._providers, self._graph)
+                self._drivers[account.id] = (account.update_time, graph)
+                if cached is not None:
+                    await cached[1].close()
+                return graph
             if account.provider is Provider.GOOGLE:
                 if self._tokens is None or self._gmail is None:
                     raise FailedPrecondition(
