@@ -10,6 +10,7 @@ or an exception message; provider error bodies are reduced to their ``error`` co
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping
@@ -35,9 +36,8 @@ SEND_SCOPE = "Mail.Send"
 # msal adds openid, profile and offline_access to every request itself (and refuses them from the caller);
 # email puts the address in the id_token.
 IDENTITY_SCOPES = ("email",)
-# Refresh asks for what the user already consented to for Graph, no more: Microsoft's refresh request needs scopes,
-# and .default names exactly the consented set (the broker only ever asks for the narrow ones above).
-REFRESH_SCOPES = [GRAPH_RESOURCE + ".default"]
+# msal adds these to every request and refuses them from the caller.
+_MSAL_RESERVED = frozenset({"openid", "profile", "offline_access"})
 BROAD_SCOPES = frozenset({"mail.readwrite", "mail.readwrite.shared", "mail.read.shared", "mail.send.shared"})
 # Resource prefixes a granted scope may come back with (the public and national Graph clouds, Graph's app id).
 _RESOURCE_PREFIXES = (
@@ -70,6 +70,30 @@ def normalize_scope(scope: str) -> str:
         if lowered.startswith(prefix):
             return lowered[len(prefix) :]
     return lowered
+
+
+def seal_credential(refresh_token: str, scopes: Iterable[str]) -> str:
+    """What the broker stores for a Microsoft account: the refresh token and the scopes it was granted.
+
+    Microsoft's refresh request must name scopes, equal to or a subset of those consented ("scope ... must be
+    equivalent to or a subset of the scopes requested in the original authorization_code request"); the stored
+    credential carries them, so a refresh asks for exactly what the user granted (never ``.default``, which names
+    every permission of the app registration and fails for a user who consented to fewer)."""
+    kept = sorted({normalize_scope(s) for s in scopes} - _MSAL_RESERVED - {""})
+    return json.dumps({"v": 1, "refresh_token": refresh_token, "scopes": kept}, separators=(",", ":"))
+
+
+def open_credential(credential: str) -> tuple[str, list[str]]:
+    """(refresh token, scopes to refresh with) of a stored credential (a bare refresh token: identity only)."""
+    if credential.startswith("{"):
+        try:
+            data = json.loads(credential)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("refresh_token"), str):
+            scopes = [s for s in data.get("scopes") or [] if isinstance(s, str) and s not in _MSAL_RESERVED]
+            return data["refresh_token"], scopes or list(IDENTITY_SCOPES)
+    return credential, list(IDENTITY_SCOPES)
 
 
 def scopes_for(capabilities: Iterable[Capability]) -> list[str]:
@@ -199,11 +223,14 @@ class MicrosoftOAuth:
                 reason="IDENTITY_NOT_GRANTED",
             )
         refresh_token = result.get("refresh_token")
+        scopes = frozenset(str(result.get("scope", "")).split())
         return Grant(
             access_token=access_token,
             expire_time=_expiry(result.get("expires_in")),
-            refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
-            scopes=frozenset(str(result.get("scope", "")).split()),
+            refresh_token=(
+                seal_credential(refresh_token, scopes) if isinstance(refresh_token, str) and refresh_token else None
+            ),
+            scopes=scopes,
             subject=str(subject),
             email_address=address,
         )
@@ -211,11 +238,13 @@ class MicrosoftOAuth:
     # -- tokens ----------------------------------------------------------------------------------------------------
 
     def refresh(self, refresh_token: str) -> Grant:
-        """A new access token, and the new refresh token Microsoft sends with it (it rotates on every use).
+        """A new access token, and the new refresh token Microsoft sends with it (it rotates on every use), for
+        the scopes the stored credential was granted (``refresh_token`` is a :func:`seal_credential`).
         A refused grant → Unauthenticated PROVIDER_AUTH_FAILED."""
         app = self._application()
+        token, scopes = open_credential(refresh_token)
         try:
-            result = app.acquire_token_by_refresh_token(refresh_token, REFRESH_SCOPES)
+            result = app.acquire_token_by_refresh_token(token, scopes)
         except requests.RequestException as exc:
             raise ProviderUnavailable("the identity platform cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
         except ValueError:
@@ -232,7 +261,9 @@ class MicrosoftOAuth:
         return Grant(
             access_token=access_token,
             expire_time=_expiry(result.get("expires_in")),
-            refresh_token=rotated if isinstance(rotated, str) and rotated and rotated != refresh_token else None,
+            refresh_token=(
+                seal_credential(rotated, scopes) if isinstance(rotated, str) and rotated and rotated != token else None
+            ),
             scopes=frozenset(str(result.get("scope", "")).split()),
         )
 
