@@ -89,7 +89,10 @@ _ENVELOPE_FIELDS = (
 METADATA_FIELDS = _ENVELOPE_FIELDS + ",internetMessageHeaders"
 FULL_FIELDS = METADATA_FIELDS + ",body"
 DELTA_FIELDS = _ENVELOPE_FIELDS
+# contentId belongs to fileAttachment, not to the attachment base type: selected through a type cast. Without it
+# (a service that refuses the cast) the list still has every base-type property.
 ATTACHMENT_FIELDS = "id,name,contentType,size,isInline,microsoft.graph.fileAttachment/contentId"
+ATTACHMENT_BASE_FIELDS = "id,name,contentType,size,isInline"
 FILE_ATTACHMENT = "#microsoft.graph.fileAttachment"
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 CONNECT_RETRIES = 2
@@ -508,12 +511,13 @@ class GraphDriver:
         """(Graph attachment id, info) of the message's file attachments (item and reference attachments are not
         files the broker can stream)."""
         graph_id = decode_id(message_id, "name", "message")
-        items = await self._pages(
-            self._url(f"me/messages/{quote(graph_id, safe='')}/attachments"),
-            {"$select": ATTACHMENT_FIELDS},
-            not_found="MESSAGE_NOT_FOUND",
-            limit=500,
-        )
+        url = self._url(f"me/messages/{quote(graph_id, safe='')}/attachments")
+        try:
+            items = await self._pages(url, {"$select": ATTACHMENT_FIELDS}, not_found="MESSAGE_NOT_FOUND", limit=500)
+        except InvalidArgument:
+            items = await self._pages(
+                url, {"$select": ATTACHMENT_BASE_FIELDS}, not_found="MESSAGE_NOT_FOUND", limit=500
+            )
         found = []
         for item in items:
             if not isinstance(item, dict) or not item.get("id"):
