@@ -1,0 +1,3 @@
+module mailbroker.dev/generated/go
+
+go 1.19
