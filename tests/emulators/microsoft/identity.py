@@ -218,7 +218,8 @@ def instance_discovery(state: MicrosoftState, request: Request, base_url: str) -
     endpoint = request.one("authorization_endpoint") or ""
     split = urlsplit(endpoint)
     host = urlsplit(base_url).netloc
-    if split.scheme != "https" or split.netloc != host:
+    # msal sends the authority's host without its port ("https://{instance}{path}/oauth2/v2.0/authorize").
+    if split.scheme != "https" or split.hostname != urlsplit(base_url).hostname:
         return Response.json(
             400,
             OAuthError("invalid_instance", 50049, "Unknown or invalid instance.").body(),
