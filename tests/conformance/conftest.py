@@ -10,8 +10,11 @@ import pytest
 from server.domain.feeds import FeedHub
 from tests.conformance.backends import Backend, ImapBackend
 from tests.conformance.gmail_backend import REDIRECT_URI, GmailBackend
+from tests.conformance.outlook_backend import REDIRECT_URI as OUTLOOK_REDIRECT_URI
+from tests.conformance.outlook_backend import OutlookBackend
 from tests.emulators.google.server import GoogleEmulator
 from tests.emulators.google.state import Client
+from tests.emulators.microsoft import App, MicrosoftEmulator
 from tests.mailserver.fixtures import mail_servers  # noqa: F401 - a fixture, found by name
 
 
@@ -22,11 +25,19 @@ def google_emulator_session(tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield emulator, emulator.register_client(redirect_uris=[REDIRECT_URI])
 
 
+@pytest.fixture(scope="session")
+def microsoft_emulator_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MicrosoftEmulator, App]]:
+    """One Microsoft emulator and app registration for the session (every Outlook test makes its own user)."""
+    with MicrosoftEmulator(tmp_path_factory.mktemp("microsoft-emulator")) as emulator:
+        yield emulator, emulator.register_app([OUTLOOK_REDIRECT_URI])
+
+
 # Backend name -> how to make one from the test's request. Session-scoped servers are asked for here, lazily, so a
 # run that selects one backend (``-k imap``) starts only that provider's environment.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
     "imap": lambda request: ImapBackend(request.getfixturevalue("mail_servers")),
     "gmail": lambda request: GmailBackend(*request.getfixturevalue("google_emulator_session")),
+    "outlook": lambda request: OutlookBackend(*request.getfixturevalue("microsoft_emulator_session")),
 }
 
 

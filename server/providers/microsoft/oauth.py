@@ -189,6 +189,9 @@ class MicrosoftOAuth:
             redirect_uri=redirect_uri,
             state=state,
             login_hint=login_hint or None,
+            # The code comes back in a form POSTed to the redirect URI, not in its query: it stays out of browser
+            # history, referrers and access logs (RFC 9700 4.3.1; msal warns about anything else).
+            response_mode="form_post",
         )
         return str(flow["auth_uri"]), flow
 
