@@ -13,6 +13,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server.domain import deadline
 from server.errors import BrokerError, Internal
 from server.interceptors.context import request_id
 from server.interceptors.wrapping import HandlerInterceptor
@@ -58,6 +59,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
 
     @asynccontextmanager
     async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        deadline.set_from_remaining(context.time_remaining())  # so provider retries can stop in time
         try:
             yield
         except (grpc.aio.AbortError, asyncio.CancelledError):

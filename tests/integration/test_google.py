@@ -17,13 +17,14 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
 from server.config import Config, GoogleConfig, OAuthConfig
 from server.providers.google.oauth import METADATA_SCOPE, READONLY_SCOPE, SEND_SCOPE
-from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
+from tests.broker import RunningBroker, broker_config, error_reason, rich_status, running_broker, stubs
 from tests.emulators.google import GoogleEmulator
 from tests.emulators.google.fixtures import google_emulator  # noqa: F401 - a fixture, found by name
 from tests.pki import TestPki
@@ -133,6 +134,17 @@ async def _started(stream: object, emulator: GoogleEmulator) -> mpb.MailboxEvent
         event: mpb.MailboxEvent = await stream.read()  # type: ignore[attr-defined]
         if event.WhichOneof("event") == "message_added":
             return event
+
+
+def _retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay of an error, in seconds."""
+    status = rich_status(error)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
 
 
 def _inbox(account: rpb.Account) -> mpb.ListMessagesRequest:
@@ -484,6 +496,13 @@ async def test_throttling_is_retried_after_retry_after_within_the_deadline(googl
         google.emulator.throttle(1, status=429, retry_after=60)  # longer than the broker will wait
         error = await _fails(mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10))
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_RATE_LIMITED")
+        assert _retry_delay(error) == 60
+
+        # Within the broker's retry budget but past the caller's deadline: the caller gets the reason, in time.
+        google.emulator.throttle(1, status=429, retry_after=3)
+        error = await _fails(mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=2))
+        assert (error.code(), error_reason(error)) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_RATE_LIMITED")
+        assert _retry_delay(error) == 3
 
 
 # -- feed and erasure ----------------------------------------------------------------------------------------------
@@ -532,6 +551,8 @@ async def test_delete_account_revokes_at_google_and_ends_feeds(google: GoogleSet
         account = await _connect(accounts, google.emulator, [rpb.CAPABILITY_READ])
         stream = mail.WatchMailbox(mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=HEARTBEAT))
         await _started(stream, google.emulator)
+        refresh_token = broker.store().read_secret(account.name.split("/")[1], "refresh_token")
+        assert refresh_token is not None
         receipt = await accounts.DeleteAccount(apb.DeleteAccountRequest(name=account.name), timeout=30)
         steps = {s.kind: s.outcome for s in receipt.steps}
         assert steps[rpb.ERASURE_STEP_KIND_REVOKE_AT_PROVIDER] == rpb.ERASURE_OUTCOME_DONE
@@ -540,6 +561,11 @@ async def test_delete_account_revokes_at_google_and_ends_feeds(google: GoogleSet
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await _read_to_the_end(stream, [])
         assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+    # Nothing of the account is left on disk: no refresh token, no address, in the database, its WAL or shm.
+    on_disk = _store_bytes(Path(google.config.data_dir))
+    assert [
+        what for what, value in [("refresh token", refresh_token), ("address", USER.encode())] if value in on_disk
+    ] == []
 
 
 async def test_one_history_poller_serves_every_watched_label_of_an_account(

@@ -34,6 +34,7 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 from googleapiclient.http import HttpRequest, MediaIoBaseUpload
 
+from server.domain import deadline
 from server.domain.blocking import BlockingPool
 from server.domain.feeds import Upstream
 from server.domain.mail import (
@@ -83,6 +84,7 @@ ROLES = {
 NOT_FOLDERS = frozenset({"UNREAD", "CHAT"})
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 CONNECT_RETRIES = 2
+DEADLINE_MARGIN_SECONDS = 0.25
 LIST_FETCH_CONCURRENCY = 8
 
 
@@ -285,7 +287,12 @@ class GmailDriver:
         """``invalid``: what a 400 means when the call names a resource by an id the caller gave (Gmail answers
         "Invalid id value" for an id it cannot parse)."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._settings.max_retry_seconds
+        budget = self._settings.max_retry_seconds
+        left = deadline.remaining()
+        if left is not None:
+            # Stop retrying in time to answer with the reason before the caller's deadline cuts the call off.
+            budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
+        give_up = loop.time() + budget
         attempt = 0
         refreshed = False
         while True:
@@ -305,10 +312,12 @@ class GmailDriver:
                 retryable = isinstance(error, RateLimited) or (status in RETRYABLE and not sending)
                 if not retryable:
                     raise error from None
-                delay = _retry_after(exc)
+                asked = _retry_after(exc)
+                delay = asked
                 if delay is None:
                     delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())  # noqa: S311 - jitter
                 if loop.time() + delay > give_up:
+                    error.retry_after = asked  # the caller learns (RetryInfo) how long Google asked to wait
                     raise error from None
                 await asyncio.sleep(delay)
             except (OSError, ssl.SSLError, httplib2.HttpLib2Error, TimeoutError) as exc:
