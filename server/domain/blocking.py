@@ -20,10 +20,15 @@ class BlockingPool:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """Start ``fn`` in a worker thread now; the future of its result (cancelling it does not stop the thread).
+        For callers that need the work as a future (to shield it) without a task around a coroutine."""
         loop = asyncio.get_running_loop()
         # Copy the context so call-scoped values (request id) are visible to logging in the worker thread.
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
+        return loop.run_in_executor(self._executor, call)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

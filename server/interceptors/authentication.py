@@ -28,6 +28,7 @@ class AuthenticationInterceptor(HandlerInterceptor):
     """
 
     def __init__(self, policy: Policy) -> None:
+        super().__init__()
         self._policy = policy
         self._identities: OrderedDict[bytes, str | None] = OrderedDict()
 

@@ -19,6 +19,7 @@ class AuthorizationInterceptor(HandlerInterceptor):
     """Ends the call with PERMISSION_DENIED unless the policy allows the caller this method."""
 
     def __init__(self, policy: Policy) -> None:
+        super().__init__()
         self._policy = policy
 
     def set_policy(self, policy: Policy) -> None:

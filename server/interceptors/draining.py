@@ -21,6 +21,8 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, draining: asyncio.Event) -> None:
         self._draining = draining
+        # Per method, the handler wrapped last and its racing wrapper (see HandlerInterceptor): made once.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -30,7 +32,17 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_stream is None or not inspect.isasyncgenfunction(handler.unary_stream):
             return handler
-        inner: Callable[..., AsyncGenerator[Any, None]] = handler.unary_stream
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._racing(handler, handler.unary_stream)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _racing(
+        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Callable[..., AsyncGenerator[Any, None]]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         draining = self._draining
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:

@@ -18,7 +18,14 @@ Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContex
 
 
 class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Base class: subclasses implement :meth:`around`, entered for the whole life of every call."""
+    """Base class: subclasses implement :meth:`around`, entered for the whole life of every call.
+
+    The wrapped handler is made once per method and reused while the handler it wraps is the same object (the
+    registered handler, or the previous interceptor's cached wrapper), so a call builds no closures or handlers.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
@@ -31,7 +38,14 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return wrap_handler(handler, handler_call_details.method, self.around)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap_handler(handler, method, self.around)
+        # Keyed by the methods the server has registered (an unknown one has no handler): a bounded set.
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def wrap_handler(

@@ -218,11 +218,31 @@ _RULES: Final = (
 )
 
 
+# Every trigger in one pattern per case mode, so the common text with none of them (the access log's fields, most
+# messages) costs two scans instead of a Python-level test per rule. Exactly the gating of the loop below: a
+# fold rule's triggers are looked for in the lower-cased text, the others as written.
+_ANY_TRIGGER: Final = re.compile("|".join(re.escape(t) for r in _RULES if not r.fold for t in r.triggers))
+_ANY_FOLDED_TRIGGER: Final = re.compile("|".join(re.escape(t) for r in _RULES if r.fold for t in r.triggers))
+# The long-run rule is the only one without a trigger. When no trigger occurs in the text, no rule before it
+# applies, and no rule after it can start to: it only swaps parts of runs for "[REDACTED]", and no trigger of a
+# later rule contains "[" or "]" (so none can be made across the seam) or occurs inside "[REDACTED]".
+_LONG_RUN_AT: Final = next(index for index, rule in enumerate(_RULES) if not rule.triggers)
+if (
+    _RULES[_LONG_RUN_AT].pattern is not _LONG_RUN
+    or any(not rule.triggers for rule in _RULES[_LONG_RUN_AT + 1 :])
+    or any("[" in t or "]" in t or t in REDACTED for rule in _RULES[_LONG_RUN_AT + 1 :] for t in rule.triggers)
+):  # pragma: no cover - a change to the rules that breaks the fast path in redact() fails at import
+    raise AssertionError("redact(): the no-trigger fast path no longer matches the rules")
+
+
 def redact(text: str) -> str:
     """Return ``text`` with addresses, credentials and token shapes replaced by fixed markers; never raises."""
     try:
         if not isinstance(text, str):  # callers are typed, third-party code is not
             text = str(text)
+        if _ANY_TRIGGER.search(text) is None and _ANY_FOLDED_TRIGGER.search(text.lower()) is None:
+            # No rule but the long-run one can apply (see _LONG_RUN_AT); it needs a run of 32 characters.
+            return _LONG_RUN.sub(_mask_long_run, text) if len(text) >= _MIN_RUN else text
         # The leading space gives a key at the very start the separator _KEY_VALUE consumes; every rule keeps it.
         text = " " + text
         folded: str | None = None

@@ -176,7 +176,7 @@ class ImapPool:
         except BaseException:
             self._slots.release()
             raise
-        work = asyncio.ensure_future(self._blocking.run(_guarded, fn, session))
+        work = self._blocking.submit(_guarded, fn, session)
         try:
             result = await asyncio.shield(work)
         except asyncio.CancelledError:
