@@ -1,7 +1,8 @@
 """The Outlook change feed: Graph delta queries per folder (``/me/mailFolders/{id}/messages/delta``), polled by one
 loop per account for every watched folder, each folder's changes shared by all its subscribers.
 
-Cursor: ``{"d": "<@odata.deltaLink>", "t": "<the provider's clock when that round ended>"}``. The deltaLink is Graph's
+Cursor: ``{"d": "<@odata.deltaLink>", "t": "<the provider's clock when that round ended>", "r": [...]}``, where ``r``
+holds short digests of the messages that round saw created within its last second. The deltaLink is Graph's
 opaque sync state; it is followed only when it points into the configured Graph endpoint (the access token goes
 with it). An expired sync state (410, syncStateNotFound) gives an explicit ResyncRequired CURSOR_EXPIRED; a cursor
 that is not one of these gives ResyncRequired GAP; never a silent skip.
@@ -21,7 +22,9 @@ now, after which the live feed may repeat what changed in between.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -46,6 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailbroker.graph.delta")
 
 RECENT_ADDED = 10_000  # message ids reported as added, remembered per folder so a later change is an update
+MAX_CURSOR_RECENT = 32  # digests of messages created in a round's last second, carried in its cursor
+
+
+def _digest(graph_id: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(graph_id.encode("utf-8")).digest()[:9]).decode("ascii")
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -131,6 +139,7 @@ class FolderDelta(UpstreamBase):
         self._graph_folder: str | None = None
         self._link: str | None = None  # the live deltaLink
         self._since: datetime | None = None  # the provider's clock when the live deltaLink's round ended
+        self._recent: list[str] = []  # digests of what the live deltaLink's round saw created in its last second
         self._added: OrderedDict[str, None] = OrderedDict()
         self._done = asyncio.Event()
 
@@ -173,19 +182,21 @@ class FolderDelta(UpstreamBase):
         except BrokerError as exc:
             self.fail(exc)  # the grant is gone or the folder was deleted: the subscribers must act
 
-    def _cursor(self, link: str | None, since: datetime | None) -> dict[str, object]:
-        return {"d": link or "", "t": since.isoformat() if since else ""}
+    def _cursor(self, link: str | None, since: datetime | None, recent: list[str]) -> dict[str, object]:
+        return {"d": link or "", "t": since.isoformat() if since else "", "r": list(recent)}
 
     def _live_cursor(self) -> dict[str, object]:
-        return self._cursor(self._link, self._since)
+        return self._cursor(self._link, self._since, self._recent)
 
-    def _position(self, cursor: dict[str, object] | None) -> tuple[str, datetime | None] | None:
+    def _position(self, cursor: dict[str, object] | None) -> tuple[str, datetime | None, list[str]] | None:
         if not isinstance(cursor, dict):
             return None
         link = self._driver.own_link(cursor.get("d"))
         if link is None or "/delta" not in link:
             return None
-        return link, _parse_time(cursor.get("t"))
+        recent = cursor.get("r")
+        digests = [r for r in recent if isinstance(r, str)][:MAX_CURSOR_RECENT] if isinstance(recent, list) else []
+        return link, _parse_time(cursor.get("t")), digests
 
     def _resync(self, reason: ResyncReason) -> FeedEvent:
         return FeedEvent(ResyncRequired(reason, self.folder_id), self._live_cursor(), datetime.now(UTC))
@@ -196,13 +207,16 @@ class FolderDelta(UpstreamBase):
         url, params = self._driver.delta_start(self._graph_folder)
         items, link, server_time = await self._driver.delta_round(url, params)
         self._link, self._since = link, server_time or datetime.now(UTC)
-        self._remember_recent(items, self._since)
+        self._recent = self._remember_recent(items, self._since)
 
-    async def _round(self, link: str, since: datetime | None) -> tuple[list[FeedEvent], str, datetime]:
+    async def _round(
+        self, link: str, since: datetime | None, recent: list[str]
+    ) -> tuple[list[FeedEvent], str, datetime, list[str]]:
         """The events of one round from ``link`` (whose round ended at ``since``), the next link and its time."""
         items, next_link, server_time = await self._driver.delta_round(link, None)
         next_since = server_time or datetime.now(UTC)
         well_known = await self._driver.well_known()
+        seen = set(recent)
         changes: list[Any] = []
         for item in items:
             graph_id = str(item["id"])
@@ -212,21 +226,21 @@ class FolderDelta(UpstreamBase):
                 continue
             message = message_from_resource(item, MessageView.METADATA, well_known)
             created = _parse_time(item.get("createdDateTime")) or _parse_time(item.get("receivedDateTime"))
-            if graph_id in self._added:
+            if graph_id in self._added or _digest(graph_id) in seen:
                 changes.append(MessageUpdated(message))
             elif since is None or (created is not None and created >= since):
                 changes.append(MessageAdded(message))
                 self._remember(graph_id)
             else:
                 changes.append(MessageUpdated(message))
-        self._remember_recent(items, next_since)
-        before, after = self._cursor(link, since), self._cursor(next_link, next_since)
+        next_recent = self._remember_recent(items, next_since)
+        before, after = self._cursor(link, since, recent), self._cursor(next_link, next_since, next_recent)
         now = datetime.now(UTC)
         events = [
             FeedEvent(change, after if index == len(changes) - 1 else before, now)
             for index, change in enumerate(changes)
         ]
-        return events, next_link, next_since
+        return events, next_link, next_since, next_recent
 
     def _remember(self, graph_id: str) -> None:
         self._added[graph_id] = None
@@ -234,18 +248,21 @@ class FolderDelta(UpstreamBase):
         while len(self._added) > RECENT_ADDED:
             self._added.popitem(last=False)
 
-    def _remember_recent(self, items: list[dict[str, Any]], since: datetime) -> None:
+    def _remember_recent(self, items: list[dict[str, Any]], since: datetime) -> list[str]:
         """Messages created within the second the round ended (the provider's clock has whole seconds) were seen in
-        this round; a later change of one is an update."""
+        this round; a later change of one is an update. Their digests go into the round's cursor."""
+        digests = []
         for item in items:
             created = _parse_time(item.get("createdDateTime")) or _parse_time(item.get("receivedDateTime"))
             if "@removed" not in item and created is not None and created >= since:
                 self._remember(str(item["id"]))
+                digests.append(_digest(str(item["id"])))
+        return digests[-MAX_CURSOR_RECENT:]
 
     async def _poll(self) -> None:
         assert self._link is not None
         try:
-            events, self._link, self._since = await self._round(self._link, self._since)
+            events, self._link, self._since, self._recent = await self._round(self._link, self._since, self._recent)
         except CursorExpired:
             # Our own sync state expired (a long outage): every subscriber resynchronises.
             await self._start_fresh()
@@ -272,7 +289,7 @@ class FolderDelta(UpstreamBase):
             if position is not None:
                 try:
                     # Nobody watched: the subscriber's position becomes the live one.
-                    events, self._link, self._since = await self._round(*position)
+                    events, self._link, self._since, self._recent = await self._round(*position)
                 except CursorExpired:
                     await self._start_fresh()
                     subscriber.deliver(self._resync(ResyncReason.CURSOR_EXPIRED))
@@ -289,7 +306,7 @@ class FolderDelta(UpstreamBase):
             subscriber.deliver(self._resync(ResyncReason.GAP))
             return
         try:
-            events, _, _ = await self._round(*position)
+            events, _, _, _ = await self._round(*position)
         except CursorExpired:
             subscriber.deliver(self._resync(ResyncReason.CURSOR_EXPIRED))
             return

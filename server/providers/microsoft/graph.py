@@ -80,7 +80,7 @@ WELL_KNOWN = {
 }
 _CORE = re.compile(r"([A-Za-z0-9_-]+)(=*)")
 _BROKER_ID = re.compile(r"[A-Za-z0-9_-]{2,512}")
-_ATTACHMENT_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+_ATTACHMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ENVELOPE_FIELDS = (
     "id,subject,from,toRecipients,ccRecipients,bccRecipients,replyTo,sentDateTime,receivedDateTime,"
     "internetMessageId,conversationId,isRead,isDraft,flag,parentFolderId,hasAttachments,createdDateTime"
@@ -667,7 +667,10 @@ def _address(value: object) -> EmailAddress | None:
     inner = value.get("emailAddress") if isinstance(value, dict) else None
     if not isinstance(inner, dict) or not inner.get("address"):
         return None
-    return EmailAddress(mime.clean_text(str(inner["address"])), mime.clean_text(str(inner.get("name") or "")))
+    address = mime.clean_text(str(inner["address"]))
+    name = mime.clean_text(str(inner.get("name") or ""))
+    # Exchange names an address that came without a display name by the address itself.
+    return EmailAddress(address, "" if name.lower() == address.lower() else name)
 
 
 def _addresses(values: object) -> tuple[EmailAddress, ...]:
