@@ -637,6 +637,8 @@ class GraphDriver:
         return FolderDelta(self._delta, folder_id)
 
     async def close(self) -> None:
+        if self._delta is not None:
+            self._delta.close()
         self._http.close()
 
 
