@@ -84,6 +84,7 @@ ROLES = {
 NOT_FOLDERS = frozenset({"UNREAD", "CHAT"})
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 CONNECT_RETRIES = 2
+TOKEN_REFRESHES = 2
 DEADLINE_MARGIN_SECONDS = 0.25
 LIST_FETCH_CONCURRENCY = 8
 
@@ -294,7 +295,7 @@ class GmailDriver:
             budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
         give_up = loop.time() + budget
         attempt = 0
-        refreshed = False
+        refreshes = 0
         while True:
             attempt += 1
             token = await self._tokens.access_token()
@@ -302,9 +303,11 @@ class GmailDriver:
                 return await self._pool.run(self._run, make, token)
             except HttpError as exc:
                 status = int(getattr(exc.resp, "status", 0) or 0)
-                if status == 401 and not refreshed:
+                if status == 401 and refreshes < TOKEN_REFRESHES:
+                    # Refused: refresh and try again. Twice, because a token refreshed just before the user revoked
+                    # the grant is refused too; only the next refresh then learns (invalid_grant) that it is gone.
                     self._tokens.invalidate(token)
-                    refreshed = True
+                    refreshes += 1
                     continue
                 error = _map_http_error(exc, not_found, sending=sending)
                 if status == 400 and invalid is not None:
