@@ -32,6 +32,7 @@ from urllib.parse import quote
 import requests
 import urllib3.exceptions
 
+from server.domain import deadline
 from server.domain.blocking import BlockingPool
 from server.domain.feeds import Upstream
 from server.domain.mail import (
@@ -96,6 +97,7 @@ ATTACHMENT_BASE_FIELDS = "id,name,contentType,size,isInline"
 FILE_ATTACHMENT = "#microsoft.graph.fileAttachment"
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 CONNECT_RETRIES = 2
+DEADLINE_MARGIN_SECONDS = 0.25
 MAX_FOLDERS = 1000
 DELTA_PAGE_SIZE = 50
 _CURSOR_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid", "invaliddeltatoken"})
@@ -310,7 +312,12 @@ class GraphDriver:
         """A successful response. With ``stream`` the caller owns one of the mailbox's request slots until it calls
         :meth:`_release` (the body is still being read)."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._settings.max_retry_seconds
+        budget = self._settings.max_retry_seconds
+        left = deadline.remaining()
+        if left is not None:
+            # Stop retrying in time to answer with the reason before the caller's deadline cuts the call off.
+            budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
+        give_up = loop.time() + budget
         attempt = 0
         refreshed = False
         while True:
