@@ -198,7 +198,8 @@ def naive_vs_broker(run: Run) -> FigureResult:
             finally:
                 client.logout()
 
-        samples = interleaved({"naive": naive, "broker": message.get(rpb.MESSAGE_VIEW_METADATA)}, count)
+        with run.profiled(result, broker.pid, "naive_vs_broker"):
+            samples = interleaved({"naive": naive, "broker": message.get(rpb.MESSAGE_VIEW_METADATA)}, count)
     naive_latency, broker_latency = Latency.of(samples["naive"]), Latency.of(samples["broker"])
     result.add(
         "naive ÷ broker, median",

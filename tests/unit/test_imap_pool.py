@@ -184,3 +184,28 @@ async def test_a_cancelled_call_never_lends_its_busy_connection_to_another(block
     assert seen[0] != seen[1]  # the busy connection was retired, not handed over
     assert connector.made[0].logged_out
     await pool.close()
+
+
+async def test_a_connection_that_opens_after_its_caller_was_cancelled_is_closed(blocking: BlockingPool) -> None:
+    connecting, release = threading.Event(), threading.Event()
+    made: list[FakeClient] = []
+
+    def connect() -> Any:
+        connecting.set()
+        release.wait(10)
+        made.append(FakeClient())
+        return made[-1]
+
+    pool = ImapPool(connect, blocking, size=1)
+    call = asyncio.ensure_future(pool.run(lambda session: None))
+    await asyncio.to_thread(connecting.wait, 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    release.set()  # the login completes in its thread after the caller has gone
+    for _ in range(500):
+        if made and made[0].logged_out:
+            break
+        await asyncio.sleep(0.01)
+    assert made and made[0].logged_out, "the orphaned connection was left open"
+    assert pool.idle == 0

@@ -3,6 +3,8 @@ smtplib for submission, every blocking call in a worker thread on a pooled, logg
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import re
 import smtplib
@@ -43,7 +45,7 @@ from server.providers.imap.connection import (
     tls_context,
 )
 from server.providers.imap.feed import FolderWatcher
-from server.providers.imap.pool import ImapPool, ImapSession
+from server.providers.imap.pool import ImapPool, ImapSession, close_orphan
 
 log = logging.getLogger("mailbroker.imap")
 
@@ -131,7 +133,12 @@ class ImapDriver:
     async def verify(self, smtp: bool, timeout: float) -> None:
         """Log in to IMAP (and SMTP when asked) once, without retries, and log out again."""
         assert self._profile.imap_server is not None
-        client = await self._blocking.run(open_imap, self._profile.imap_server, self._credentials, self._tls, timeout)
+        opening = self._blocking.submit(open_imap, self._profile.imap_server, self._credentials, self._tls, timeout)
+        try:
+            client = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the caller's deadline: the login may still succeed, and is then undone
+            opening.add_done_callback(functools.partial(close_orphan, self._blocking))
+            raise
         await self._blocking.run(close_imap, client)
         if smtp:
             assert self._profile.smtp_server is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -120,8 +121,14 @@ class ImapPool:
 
     async def _open(self) -> ImapSession:
         for attempt in range(1, self._attempts + 1):
+            connecting = self._blocking.submit(self._connect)
             try:
-                client = await self._blocking.run(self._connect)
+                client = await asyncio.shield(connecting)
+            except asyncio.CancelledError:
+                # The thread goes on connecting and logging in: the client it makes belongs to no one, so it is
+                # closed as soon as it exists (left to the garbage collector, its TLS socket would stay open).
+                connecting.add_done_callback(functools.partial(close_orphan, self._blocking))
+                raise
             except ProviderUnavailable:
                 # Only transient failures are retried; bad credentials or TLS trust fail at once.
                 if attempt == self._attempts:
@@ -208,13 +215,45 @@ class ImapPool:
         task.add_done_callback(self._retiring.discard)
 
     async def _discard(self, session: ImapSession) -> None:
-        await self._blocking.run(close_imap, session.client)
+        try:
+            await self._blocking.run(close_imap, session.client)
+        except RuntimeError:
+            # The thread pool is shut down (the broker is stopping and a cancelled call's thread finished late):
+            # closing without LOGOUT sends nothing and does not block.
+            _shutdown(session.client)
 
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
         for session in idle:
             await self._discard(session)
+
+
+_orphans: set[asyncio.Task[None]] = set()  # closings under way (the loop keeps only weak references to tasks)
+
+
+def close_orphan(blocking: BlockingPool, opening: asyncio.Future[IMAPClient]) -> None:
+    """Done callback for a connection opened in a thread for a caller that was cancelled meanwhile: log it out and
+    close it (its socket would otherwise stay open until the garbage collector finds it)."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    client = opening.result()
+
+    async def close() -> None:
+        try:
+            await blocking.run(close_imap, client)
+        except RuntimeError:  # the thread pool is shut down
+            _shutdown(client)
+
+    task = asyncio.get_running_loop().create_task(close())
+    _orphans.add(task)
+    task.add_done_callback(_orphans.discard)
+
+
+def _shutdown(client: IMAPClient) -> None:
+    """Close the socket without logging out (no I/O that could block)."""
+    with contextlib.suppress(Exception):
+        client.shutdown()
 
 
 def _noop(client: IMAPClient) -> None:
