@@ -107,6 +107,14 @@ def _route_libraries(level: int) -> None:
         logger.setLevel(library_level)
     for name in CONTENT_TRACE_LOGGERS:
         logging.getLogger(name).setLevel(max(_LIBRARY_FLOOR, level))
+    # google-auth turns propagation of the "google" logger off the first time it logs, unless that logger looks
+    # configured; its records would then bypass our handlers (and their filter) for good. A NullHandler makes it
+    # look configured; records still propagate to the root handlers. (Its request traces put bodies and headers in
+    # ``extra``, which the allow-listed formatter drops.)
+    google = logging.getLogger("google")
+    google.propagate = True
+    if not any(isinstance(handler, logging.NullHandler) for handler in google.handlers):
+        google.addHandler(logging.NullHandler())
 
 
 def _filter_foreign_handlers() -> None:
