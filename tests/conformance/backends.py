@@ -59,6 +59,12 @@ class Backend(abc.ABC):
     #: Paging stays exact while the folder changes between pages (IMAP: the driver pages by UID). Where paging is
     #: the provider's own opaque page token and its documentation promises nothing under change (Gmail), False.
     exact_paging_under_change: bool = True
+    #: The provider reports a message's size (IMAP RFC822.SIZE, Gmail sizeEstimate). Graph v1.0's message resource
+    #: has no size property: it is only the extended property PR_MESSAGE_SIZE (0x0E08) through
+    #: singleValueExtendedProperties, which Mail.ReadBasic (the METADATA grant) may not read ("except for body,
+    #: bodyPreview, uniqueBody, attachments, extensions, and any extended properties"). Where False the driver
+    #: reports 0 (unknown) rather than a size it only has for some grants.
+    reports_message_size: bool = True
 
     @property
     @abc.abstractmethod

@@ -93,6 +93,8 @@ class OutlookBackend(Backend):
     has_folders = True
     # Graph's @odata.nextLink pages by position ($skip): a deletion between pages shifts what comes next.
     exact_paging_under_change = False
+    # Graph v1.0 messages have no size property; PR_MESSAGE_SIZE is an extended property Mail.ReadBasic cannot read.
+    reports_message_size = False
 
     def __init__(self, emulator: MicrosoftEmulator, app: App) -> None:
         self._emulator = emulator

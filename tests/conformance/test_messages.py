@@ -247,7 +247,10 @@ async def test_the_metadata_view_has_decoded_headers_and_no_bodies(backend: Back
     assert message.cc == (EmailAddress(samples.RICH_CC),)
     assert message.send_time == samples.RICH_DATE
     assert message.receive_time is not None
-    assert message.size_bytes > 0
+    if backend.reports_message_size:
+        assert message.size_bytes > 0
+    else:
+        assert message.size_bytes == 0, "a size the provider does not report"
     names = {name.lower() for name, _ in message.headers}
     assert {"from", "to", "subject", "date", "message-id", "content-type"} <= names, "headers are missing"
     assert next(value for name, value in message.headers if name.lower() == "subject") == samples.RICH_SUBJECT, (

@@ -189,6 +189,75 @@ def test_attachments_and_their_value(microsoft_emulator: MicrosoftEmulator, app:
     assert raw.content == b"%PDF-1.7 report bytes" and raw.headers["Content-Type"] == "application/pdf"
 
 
+def test_a_file_attachment_property_is_selected_through_a_type_cast(
+    microsoft_emulator: MicrosoftEmulator, app: App
+) -> None:
+    # contentId is fileAttachment's, not the attachment base type's: OData's $select reaches it with a type-cast
+    # segment, and Graph refuses the plain name (microsoftgraph/microsoft-graph-explorer-v4#3916).
+    ms = microsoft_emulator
+    delivered = ms.deliver(USER, _with_attachments())
+    session = _session(ms, app, ["Mail.Read"])
+    url = f"{ms.graph_url}/me/messages/{delivered.id}/attachments"
+
+    cast = session.get(url, params={"$select": "id,name,isInline,microsoft.graph.fileAttachment/contentId"})
+    assert cast.ok
+    by_name = {a["name"]: a for a in cast.json()["value"]}
+    assert set(by_name[""]) == {"@odata.type", "@odata.mediaContentType", "id", "name", "isInline", "contentId"}
+    assert by_name[""]["contentId"] == "logo@x"
+    assert "contentBytes" not in by_name["report.pdf"]
+    one = session.get(f"{url}/{by_name['']['id']}", params={"$select": "microsoft.graph.fileAttachment/contentId"})
+    assert one.json()["contentId"] == "logo@x" and "name" not in one.json()
+
+    for refused in ("id,contentId", "microsoft.graph.itemAttachment/contentId", "microsoft.graph.nothing/contentId"):
+        assert _error(session.get(url, params={"$select": refused})) == (400, "RequestBroker--ParseUri"), refused
+
+
+def test_search_matches_from_subject_and_body_newest_sent_first(
+    microsoft_emulator: MicrosoftEmulator, app: App
+) -> None:
+    ms = microsoft_emulator
+    for n in range(5):
+        ms.deliver(USER, _message(f"quokka {n}", body="nothing here"), received=1_700_000_000 + n)
+    ms.deliver(USER, _message("plain", body="A Quokka in the body."), received=1_700_000_100)
+    ms.deliver(USER, _message("unrelated", body="wombats only"), received=1_700_000_200)
+    session = _session(ms, app, ["Mail.Read"])
+    url: str | None = ms.graph_url + "/me/mailFolders/inbox/messages"
+    params: dict[str, str] | None = {"$search": '"quokka"', "$top": "2", "$select": "subject"}
+    subjects: list[str] = []
+    while url:
+        page = session.get(url, params=params).json()
+        params = None  # the next link carries $search
+        assert len(page["value"]) <= 2
+        subjects += [m["subject"] for m in page["value"]]
+        url = page.get("@odata.nextLink")
+    # All were sent at the same Date; the latest received comes first among equals.
+    assert subjects == ["plain", "quokka 4", "quokka 3", "quokka 2", "quokka 1", "quokka 0"]
+
+    def found(value: str) -> list[str]:
+        response = session.get(ms.graph_url + "/me/messages", params={"$search": value, "$select": "subject"})
+        assert response.ok, value
+        return [m["subject"] for m in response.json()["value"]]
+
+    assert found('"quokka 3"') == ["quokka 3"]
+    assert found('"subject:quokka 3"') == ["quokka 3"]
+    assert found('"body:quokka"') == ["plain"]
+    assert found('"from:carol@example.test"') == found('"carol"') != []
+    assert found('"quok*"') == found('"quokka"')
+    assert found("wombats") == ["unrelated"]
+    assert found('"platypus"') == []
+
+    base = ms.graph_url + "/me/messages"
+    both = session.get(base, params={"$search": '"quokka"', "$orderby": "receivedDateTime desc"})
+    assert _error(both) == (400, "SearchWithOrderBy")
+    assert _error(session.get(base, params={"$search": '"quokka'})) == (400, "BadRequest")
+    assert _error(session.get(base, params={"$search": '""'})) == (400, "BadRequest")
+    assert _error(session.get(base, params={"$search": "quokka OR wombat"})) == (501, "emulator.NotImplemented")
+    # Mail.ReadBasic "does not include permissions to search messages".
+    basic = _session(ms, app, ["Mail.ReadBasic"], user=BOB)
+    assert basic.get(base).ok
+    assert _error(basic.get(base, params={"$search": '"quokka"'})) == (403, "ErrorAccessDenied")
+
+
 def test_mail_read_basic_sees_no_body_attachments_or_mime(microsoft_emulator: MicrosoftEmulator, app: App) -> None:
     ms = microsoft_emulator
     delivered = ms.deliver(USER, _with_attachments())

@@ -4,7 +4,7 @@ attachment, sendMail and message: delta describe it, with OData shapes (``value`
 
     GET  /v1.0/me                                              User.Read
     GET  /v1.0/me/mailFolders[/{id}[/childFolders]]            Mail.ReadBasic or Mail.Read
-    GET  /v1.0/me[/mailFolders/{id}]/messages                  $select $top $skip $orderby; @odata.nextLink
+    GET  /v1.0/me[/mailFolders/{id}]/messages                  $select $top $skip $orderby $search; @odata.nextLink
     GET  /v1.0/me/mailFolders/{id}/messages/delta              $select, Prefer: odata.maxpagesize; skip/delta tokens
     GET  /v1.0/me[/mailFolders/{id}]/messages/{id}             $select; body and bodyPreview need Mail.Read
     GET  /v1.0/me/messages/{id}/$value                         MIME (Mail.Read)
@@ -57,9 +57,18 @@ _NEEDS_READ = {"body", "bodyPreview", "uniqueBody"}
 FOLDER_PROPERTIES = (
     "displayName", "parentFolderId", "childFolderCount", "unreadItemCount", "totalItemCount", "isHidden",
 )  # fmt: skip
-ATTACHMENT_PROPERTIES = (
-    "lastModifiedDateTime", "name", "contentType", "size", "isInline", "contentId", "contentLocation", "contentBytes",
-)  # fmt: skip
+# The attachment base type's properties (the attachment resource). What a derived type adds (fileAttachment's
+# contentId, ...) is selected through a type-cast segment, ``microsoft.graph.fileAttachment/contentId``: OData URL
+# Conventions, $select ("The select item MUST be prefixed with a qualified structured type name in order to select a
+# property defined on a type derived from the type of the resource segment"). Graph refuses a plain ``contentId`` with
+# "Could not find a property named 'contentId' on type 'microsoft.graph.attachment'".
+ATTACHMENT_TYPE = "microsoft.graph.attachment"
+ATTACHMENT_PROPERTIES = ("lastModifiedDateTime", "name", "contentType", "size", "isInline")
+DERIVED_ATTACHMENT_PROPERTIES = {
+    "microsoft.graph.fileAttachment": ("contentId", "contentLocation", "contentBytes"),
+    "microsoft.graph.itemAttachment": (),  # its item is a navigation property ($expand), not a $select
+    "microsoft.graph.referenceAttachment": (),
+}
 _ORDERABLE = {"receiveddatetime": "receivedDateTime", "sentdatetime": "sentDateTime", "subject": "subject",
               "lastmodifieddatetime": "lastModifiedDateTime"}  # fmt: skip
 MAX_TOP = 1000
@@ -313,6 +322,36 @@ def _select(text: str | None, known: tuple[str, ...], type_name: str) -> tuple[s
     return tuple(chosen)
 
 
+def _attachment_select(text: str | None) -> dict[str, tuple[str, ...]] | None:
+    """The properties an attachment $select names, by the type they belong to (``ATTACHMENT_TYPE`` for the base
+    type's, a derived type's through its type cast)."""
+    if text is None:
+        return None
+    known = {ATTACHMENT_TYPE: ATTACHMENT_PROPERTIES, **DERIVED_ATTACHMENT_PROPERTIES}
+    types = {name.lower(): name for name in known}
+    chosen: dict[str, list[str]] = {}
+    for item in text.split(","):
+        cast, slash, name = item.strip().rpartition("/")
+        type_name = ATTACHMENT_TYPE
+        if slash:
+            if cast.lower() not in types:
+                raise errors.bad_request(
+                    f"The type '{cast}' is not derived from '{ATTACHMENT_TYPE}'.", "RequestBroker--ParseUri"
+                )
+            type_name = types[cast.lower()]
+        if name.lower() == "id":
+            continue
+        # A derived type has the base type's properties too.
+        by_lower = {p.lower(): p for p in (*ATTACHMENT_PROPERTIES, *known[type_name])}
+        if name.lower() not in by_lower:
+            raise errors.unknown_property(name, type_name)
+        canonical = by_lower[name.lower()]
+        owner = ATTACHMENT_TYPE if canonical in ATTACHMENT_PROPERTIES else type_name
+        if canonical not in chosen.setdefault(owner, []):
+            chosen[owner].append(canonical)
+    return {owner: tuple(names) for owner, names in chosen.items()}
+
+
 def _int_option(options: dict[str, str], name: str, default: int, low: int, high: int) -> int:
     if name not in options:
         return default
@@ -481,9 +520,132 @@ def _order(text: str | None) -> tuple[str, bool]:
     return _ORDERABLE[words[0].lower()], direction == "desc"
 
 
+# ---- $search ------------------------------------------------------------------------------------------------------
+# The "Use the $search query parameter" page, messages: a value without a property searches the default properties
+# from, subject and body; KQL property names restrict it (the subset below); results are sorted by the date and time
+# the message was sent, newest first, at most 1,000 of them. Graph refuses $orderby with $search (SearchWithOrderBy).
+# Mail.ReadBasic "does not include permissions to search messages" (Graph permissions reference).
+# Terms follow OData's search expressions (URL Conventions, $search): a phrase in double quotes (the next double
+# quote ends it; no escapes are emulated) or a bare word; terms side by side must all match. A phrase may start
+# with a property name, as Graph's examples do ($search="subject:has"). AND, OR, NOT, groups, single-quoted
+# expressions and the other KQL properties are not emulated (501).
+
+SEARCH_LIMIT = 1000
+_SEARCH_DEFAULT = ("from", "subject", "body")
+_SEARCH_PROPERTIES = {
+    "from": ("from",),
+    "subject": ("subject",),
+    "body": ("body",),
+    "to": ("to",),
+    "cc": ("cc",),
+    "bcc": ("bcc",),
+    "participants": ("from", "to", "cc", "bcc"),
+    "recipients": ("to", "cc", "bcc"),
+}
+_KQL_OTHER = {"attachment", "hasattachment", "hasattachments", "importance", "kind", "received", "sent", "size"}
+_KQL_PROPERTY = re.compile(r"(?P<name>[A-Za-z]+):(?P<value>.*)", re.DOTALL)
+_WORD = re.compile(r"\w+")
+
+
+def _search_syntax(message: str) -> GraphError:
+    return errors.bad_request(f"Syntax error: {message} in the $search query.", "BadRequest")
+
+
+def _search_terms(text: str) -> list[str]:
+    """The terms of a $search value: quoted phrases (without their quotes) and bare words."""
+    terms: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char.isspace():
+            index += 1
+            continue
+        if char == '"':
+            phrase: list[str] = []
+            index += 1
+            while True:
+                if index >= len(text):
+                    raise _search_syntax("a phrase is not closed")
+                char = text[index]
+                index += 1
+                if char == '"':
+                    break
+                phrase.append(char)
+            if index < len(text) and not text[index].isspace():
+                raise _search_syntax("a phrase runs into what follows it")
+            terms.append("".join(phrase))
+            continue
+        end = index
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        word = text[index:end]
+        index = end
+        if '"' in word:
+            raise _search_syntax("a word holds a double quote")
+        if word in ("AND", "OR", "NOT") or "(" in word or ")" in word:
+            raise errors.not_implemented("$search with AND, OR, NOT or groups")
+        terms.append(word)
+    if not terms or not all(t.strip() for t in terms):
+        raise _search_syntax("nothing to search for")
+    return terms
+
+
+def _tokens(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def _search_field(message: Message, name: str) -> str:
+    parsed = message.parsed
+    if name == "subject":
+        return str(parsed.get("Subject", ""))
+    if name == "body":
+        return str(render.body(parsed, "text")["content"])
+    header = {"from": "From", "to": "To", "cc": "Cc", "bcc": "Bcc"}[name]
+    people = render.recipients(parsed, header)
+    return " ".join(f"{p['emailAddress']['name']} {p['emailAddress']['address']}" for p in people)
+
+
+def _term_matches(message: Message, term: str) -> bool:
+    fields: tuple[str, ...] = _SEARCH_DEFAULT
+    restricted = _KQL_PROPERTY.fullmatch(term)
+    if restricted is not None:
+        name = restricted["name"].lower()
+        if name in _SEARCH_PROPERTIES:
+            fields, term = _SEARCH_PROPERTIES[name], restricted["value"]
+        elif name in _KQL_OTHER:
+            raise errors.not_implemented(f"$search on the KQL property {name}")
+    prefix = term.rstrip().endswith("*")  # KQL: a trailing * matches words that start with the term
+    wanted = _tokens(term)
+    if not wanted:
+        return False
+    for field in fields:
+        have = _tokens(_search_field(message, field))
+        for start in range(len(have) - len(wanted) + 1):
+            window = have[start : start + len(wanted)]
+            if window[:-1] == wanted[:-1] and (
+                window[-1].startswith(wanted[-1]) if prefix else window[-1] == wanted[-1]
+            ):
+                return True
+    return False
+
+
+def _search(call: Call, messages: list[Message], text: str) -> list[Message]:
+    call.require(READ)
+    terms = _search_terms(text)
+    found = [m for m in messages if all(_term_matches(m, t) for t in terms)]
+    newest_first = sorted(
+        enumerate(found),
+        key=lambda pair: (render.sent_time(pair[1].parsed, pair[1].received), pair[1].received, pair[0]),
+        reverse=True,
+    )
+    return [m for _, m in newest_first][:SEARCH_LIMIT]
+
+
 def _list_messages(call: Call, folder_id: str | None) -> Response:
     call.require(READ_BASIC)
-    options = _options(call, {"$select", "$top", "$skip", "$orderby"})
+    options = _options(call, {"$select", "$top", "$skip", "$orderby", "$search"})
+    if "$search" in options and "$orderby" in options:
+        raise GraphError(400, "SearchWithOrderBy", "The query parameter '$orderBy' is not supported with '$search'.")
     select = _select(options.get("$select"), MESSAGE_PROPERTIES, MESSAGE_TYPE)
     _check_select_scopes(call, select)
     top = _int_option(options, "$top", DEFAULT_TOP, 1, MAX_TOP)
@@ -497,7 +659,10 @@ def _list_messages(call: Call, folder_id: str | None) -> Response:
     else:
         messages = list(mailbox.messages.values())
         tail = "messages"
-    ordered = sorted(messages, key=lambda m: (_sort_key(m, field), m.created), reverse=descending)
+    if "$search" in options:
+        ordered = _search(call, messages, options["$search"])
+    else:
+        ordered = sorted(messages, key=lambda m: (_sort_key(m, field), m.created), reverse=descending)
     page = ordered[skip : skip + top]
     if select is not None:
         tail += f"({','.join(select)})"
@@ -534,13 +699,15 @@ def _message_mime(call: Call, folder_id: str | None, message_id: str) -> Respons
 def _attachments(call: Call, folder_id: str | None, message_id: str, attachment_id: str | None, raw: bool) -> Response:
     call.require(READ)
     options = _options(call, set() if raw else {"$select"})
-    select = _select(options.get("$select"), ATTACHMENT_PROPERTIES, "microsoft.graph.attachment")
+    select = _attachment_select(options.get("$select"))
     message = _message_in(call, folder_id, message_id)
 
     def shape(resource: dict[str, Any]) -> dict[str, Any]:
         if select is None:
             return resource
-        keep = {"@odata.type", "@odata.mediaContentType", "id", *select}
+        own_type = str(resource.get("@odata.type", "")).lstrip("#")
+        keep = {"@odata.type", "@odata.mediaContentType", "id", *select.get(ATTACHMENT_TYPE, ())}
+        keep.update(select.get(own_type, ()))  # a cast selects from the attachments of that type only
         return {k: v for k, v in resource.items() if k in keep}
 
     if attachment_id is None:
