@@ -1013,7 +1013,8 @@ type Message struct {
 	SendTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=send_time,json=sendTime,proto3" json:"send_time,omitempty"`
 	// When the mailbox received the message (IMAP INTERNALDATE, Gmail internalDate, Graph receivedDateTime).
 	ReceiveTime *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=receive_time,json=receiveTime,proto3" json:"receive_time,omitempty"`
-	// The message's size in bytes as the provider reports it.
+	// The message's size in bytes as the provider reports it; 0 when the provider does not say (Outlook: Graph v1.0
+	// has no size property, and the extended property that has one is outside Mail.ReadBasic).
 	SizeBytes int64 `protobuf:"varint,13,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
 	// Whether the message has been read (IMAP \Seen, Gmail without UNREAD, Graph isRead).
 	Read bool `protobuf:"varint,14,opt,name=read,proto3" json:"read,omitempty"`

@@ -331,7 +331,8 @@ export declare type Message = Message$1<"mailbroker.v1.Message"> & {
   receiveTime?: Timestamp | undefined;
 
   /**
-   * The message's size in bytes as the provider reports it.
+   * The message's size in bytes as the provider reports it; 0 when the provider does not say (Outlook: Graph v1.0
+   * has no size property, and the extended property that has one is outside Mail.ReadBasic).
    *
    * @generated from field: int64 size_bytes = 13;
    */
