@@ -123,7 +123,40 @@ class OAuthConfig:
 
 
 @dataclass(frozen=True)
-class GoogleConfig:
+class OAuthClientConfig:
+    """What every provider's OAuth client section has. Empty client_id → the provider is not offered."""
+
+    section = ""  # the TOML section, for error messages (a class attribute, not a setting)
+
+    client_id: str = ""
+    client_secret: str = ""
+    client_secret_file: Path | None = None
+    # The redirect URIs registered for the client; BeginOAuth accepts only these.
+    redirect_uris: tuple[str, ...] = ()
+    # A CA bundle that replaces the system trust store for every endpoint of the provider; empty → system.
+    ca_file: Path | None = None
+    # Per-request timeout; retries of 429/5xx stop at the caller's deadline or after max_retry_seconds.
+    timeout_seconds: float = 30.0
+    max_retry_seconds: float = 20.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_id)
+
+    def secret(self) -> str:
+        """The client secret: the setting (or its environment variable), else the first line of its file."""
+        if self.client_secret:
+            return self.client_secret
+        if self.client_secret_file is not None:
+            try:
+                return self.client_secret_file.read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, IndexError, UnicodeDecodeError):
+                raise ConfigurationError(f"config: {self.section}.client_secret_file cannot be read") from None
+        return ""
+
+
+@dataclass(frozen=True)
+class GoogleConfig(OAuthClientConfig):
     """Gmail through Google OAuth 2.0. Empty client_id → GOOGLE accounts are not offered (FAILED_PRECONDITION).
 
     The client secret comes from ``client_secret``, the ``MAILBROKER_GOOGLE_CLIENT_SECRET`` environment variable,
@@ -131,42 +164,20 @@ class GoogleConfig:
     them at a local emulator.
     """
 
-    client_id: str = ""
-    client_secret: str = ""
-    client_secret_file: Path | None = None
-    # The redirect URIs registered for the client; BeginOAuth accepts only these.
-    redirect_uris: tuple[str, ...] = ()
+    section = "google"
+
     authorization_endpoint: str = "https://accounts.google.com/o/oauth2/v2/auth"
     token_endpoint: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
     revoke_endpoint: str = "https://oauth2.googleapis.com/revoke"
     certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
     api_endpoint: str = "https://gmail.googleapis.com/"
-    # A CA bundle that replaces the system trust store for every Google endpoint; empty → system.
-    ca_file: Path | None = None
-    # Per-request timeout; retries of 429/5xx stop at the caller's deadline or after max_retry_seconds.
-    timeout_seconds: float = 30.0
-    max_retry_seconds: float = 20.0
     # How often a watched account's history is polled.
     history_poll_seconds: float = 10.0
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.client_id)
-
-    def secret(self) -> str:
-        if self.client_secret:
-            return self.client_secret
-        if self.client_secret_file is not None:
-            try:
-                return self.client_secret_file.read_text(encoding="utf-8").splitlines()[0].strip()
-            except (OSError, IndexError, UnicodeDecodeError):
-                raise ConfigurationError("config: google.client_secret_file cannot be read") from None
-        return ""
-
 
 @dataclass(frozen=True)
-class MicrosoftConfig:
+class MicrosoftConfig(OAuthClientConfig):
     """Outlook / Microsoft 365 through the Microsoft identity platform (msal) and Microsoft Graph. Empty client_id →
     MICROSOFT accounts are not offered (FAILED_PRECONDITION).
 
@@ -176,35 +187,13 @@ class MicrosoftConfig:
     tests point them at a local emulator.
     """
 
-    client_id: str = ""
-    client_secret: str = ""
-    client_secret_file: Path | None = None
-    # The redirect URIs registered for the app; BeginOAuth accepts only these.
-    redirect_uris: tuple[str, ...] = ()
+    section = "microsoft"
+
     authority_host: str = "https://login.microsoftonline.com"
     authority: str = "common"
     graph_endpoint: str = "https://graph.microsoft.com/v1.0"
-    # A CA bundle that replaces the system trust store for the identity platform and Graph; empty → system.
-    ca_file: Path | None = None
-    # Per-request timeout; retries of 429/503 stop at the caller's deadline or after max_retry_seconds.
-    timeout_seconds: float = 30.0
-    max_retry_seconds: float = 20.0
     # How often a watched account's folders are asked for their delta.
     delta_poll_seconds: float = 10.0
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.client_id)
-
-    def secret(self) -> str:
-        if self.client_secret:
-            return self.client_secret
-        if self.client_secret_file is not None:
-            try:
-                return self.client_secret_file.read_text(encoding="utf-8").splitlines()[0].strip()
-            except (OSError, IndexError, UnicodeDecodeError):
-                raise ConfigurationError("config: microsoft.client_secret_file cannot be read") from None
-        return ""
 
 
 @dataclass(frozen=True)
