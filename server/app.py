@@ -32,7 +32,7 @@ from server.domain.mail import AccountStateChanged, FeedEvent
 from server.domain.mailbox import Mailboxes
 from server.domain.models import AccountState, Provider
 from server.domain.oauth import OAuthClient, OAuthFlows, provider_revoker
-from server.domain.policy import Policy
+from server.domain.policy import LivePolicy, Policy
 from server.domain.tokens import AccessTokens, needs_reauth
 from server.errors import ConfigurationError
 from server.interceptors.access_log import AccessLogInterceptor
@@ -125,6 +125,14 @@ class Broker:
     feeds: FeedHub
     auto_eraser: AutoEraser | None = None
     closers: tuple[Callable[[], None], ...] = ()  # run last, after the thread pools stopped
+    policy: LivePolicy | None = None
+
+    def reload_policy(self, config: Config) -> None:
+        """Put ``config``'s policy in force for the calls that start from now on; ConfigurationError (and the old
+        policy stays) when it does not hold together. Only [policy] is reloaded; other settings need a restart."""
+        if self.policy is None:
+            raise ConfigurationError("this broker was started without a reloadable policy")
+        self.policy.replace(Policy.from_config(config.effective_policy))
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, end open streams so clients resume elsewhere, then close."""
@@ -158,7 +166,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     blocking = BlockingPool(STORE_THREADS, "mailbroker-store")
     providers = BlockingPool(config.server.blocking_threads, "mailbroker-provider")
     tokens = OpaqueTokens(keyring)
-    policy = Policy.from_config(config.effective_policy)
+    policy = LivePolicy(Policy.from_config(config.effective_policy))
 
     imap_settings = ImapSettings(
         allow_plaintext=config.imap.allow_plaintext,
@@ -194,7 +202,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         state_ttl_seconds=config.oauth.state_ttl_seconds,
         on_grant=on_grant,
     )
-    audit = AuditLog(store, blocking, tokens, auditors=frozenset(config.policy.auditors))
+    audit = AuditLog(store, blocking, tokens)
     revokers = {
         provider: provider_revoker(store, blocking, providers, client, access_tokens)
         for provider, client in oauth_clients.items()
@@ -261,6 +269,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         feeds,
         auto_eraser,
         closers=tuple(client.close for client in oauth_clients.values()),
+        policy=policy,
     )
 
 

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from server.config import Config
 from server.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from server.app import Broker
     from server.store.rotation import KekUsage
 
 EXIT_CHECK_FAILED = 1
@@ -143,11 +144,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(config.logging.level, file=config.logging.file)
     prepare_embedded_defaults(config, os.environ)
-    asyncio.run(_run(config))
+    asyncio.run(_run(config, lambda: _load(args)))
     return 0
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, reload: Callable[[], Config] | None = None) -> None:
     from server.app import start
 
     # Handlers first: a SIGTERM that arrives while starting up, or just after the banner, still shuts down cleanly.
@@ -155,10 +156,35 @@ async def _run(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running: list[Broker] = []
+    # SIGHUP reloads [policy] from the same file, environment and flags; its default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_policy(running, reload))
     broker = await start(config, environ=os.environ)
+    running.append(broker)
     _print_banner(config, broker.port)
     await stop.wait()
     await broker.stop()
+
+
+def _reload_policy(running: list[Broker], reload: Callable[[], Config] | None) -> None:
+    """Reload the policy; a config that does not load or a policy that does not hold is refused in one log line
+    (positions and setting names, never an identity) and the policy in force stays."""
+    import logging
+
+    log = logging.getLogger("mailbroker.cli")
+    if not running or reload is None:
+        log.warning("policy reload ignored: the broker is not serving yet", extra={"event": "policy_reload_ignored"})
+        return
+    try:
+        running[0].reload_policy(reload())
+    except ConfigurationError as exc:
+        log.error(
+            "policy reload refused, the previous policy stays in force: %s",
+            exc,
+            extra={"event": "policy_reload_refused"},
+        )
+        return
+    log.info("policy reloaded", extra={"event": "policy_reloaded"})
 
 
 def _print_banner(config: Config, port: int) -> None:

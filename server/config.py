@@ -206,12 +206,34 @@ class PolicyRule:
 
 
 @dataclass(frozen=True)
+class PolicyTenant:
+    """Identities (exact, or a ``prefix/*`` pattern) that act for one tenant: they share its accounts."""
+
+    tenant: str = ""
+    identities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyCap:
+    """What matching identities may do at most: METADATA, READ, SEND (mail), CONNECT (BeginOAuth, CompleteOAuth,
+    ConnectImapAccount), DELETE (DeleteAccount). An identity no cap matches is not capped."""
+
+    identities: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
-    """Who may call what. No rule → deny, except the dev default when the dev PKI is in use."""
+    """Who may call what, which tenant each identity acts for, and what it may do at most. No rule → deny, except
+    the dev default when the dev PKI is in use. Reloaded on SIGHUP (server.domain.policy checks it)."""
 
     rules: tuple[PolicyRule, ...] = ()
     # Identities that may list every tenant's audit events (ListAuditEvents with all_tenants).
     auditors: tuple[str, ...] = ()
+    # Identity → tenant; an identity no entry matches is a tenant of its own.
+    tenants: tuple[PolicyTenant, ...] = ()
+    # Capability caps per identity; every cap that matches applies (the identity keeps what all of them allow).
+    caps: tuple[PolicyCap, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,7 +308,9 @@ class Config:
         if self.policy.rules or not self.uses_dev_pki:
             return self.policy
         # The dev PKI's CA signs only dev clients, so its trust domain is the dev default.
-        return PolicyConfig(rules=(PolicyRule(identities=(f"spiffe://{DEV_TRUST_DOMAIN}/*",), methods=("*",)),))
+        return dataclasses.replace(
+            self.policy, rules=(PolicyRule(identities=(f"spiffe://{DEV_TRUST_DOMAIN}/*",), methods=("*",)),)
+        )
 
 
 def load(

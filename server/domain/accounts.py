@@ -6,7 +6,7 @@ from server.crypto.opaque import OpaqueTokens
 from server.domain import paging
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, AccountState, Capability
-from server.domain.principal import Principal
+from server.domain.principal import Action, Principal
 from server.errors import FailedPrecondition, NotFound, PermissionDenied
 from server.store.repository import Store
 
@@ -30,6 +30,8 @@ class Accounts:
 
     async def require(self, principal: Principal, account_id: str, capability: Capability) -> Account:
         """The account, usable and granted ``capability``; otherwise the error that says why not."""
+        # The policy's cap first, before any lookup: a capped caller gets the same answer for every account id.
+        principal.require(Action(capability.name))
         account = await self.get(principal, account_id)
         if account.state is AccountState.NEEDS_REAUTH:
             raise FailedPrecondition("the account needs the user to consent again", reason="ACCOUNT_NEEDS_REAUTH")

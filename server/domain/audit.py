@@ -14,16 +14,16 @@ from server.store.repository import Store
 class AuditLog:
     """Lists audit events, oldest first, scoped to the caller's tenant unless the caller is an auditor."""
 
-    def __init__(self, store: Store, blocking: BlockingPool, tokens: OpaqueTokens, auditors: frozenset[str]) -> None:
+    def __init__(self, store: Store, blocking: BlockingPool, tokens: OpaqueTokens) -> None:
         self._store = store
         self._blocking = blocking
         self._pages = paging.PageTokens(tokens, "audit-events")
-        self._auditors = auditors
 
     async def list(
         self, principal: Principal, account_id: str | None, page_size: int, page_token: str, all_tenants: bool
     ) -> tuple[list[AuditEvent], str]:
-        if all_tenants and principal.identity not in self._auditors:
+        # Whether the caller audits every tenant is the policy in force (reloadable), carried by the Principal.
+        if all_tenants and not principal.auditor:
             raise PermissionDenied("only auditors may list every tenant's events", reason="AUDITOR_ONLY")
         size = paging.page_size(page_size, paging.AUDIT_EVENTS)
         tenant = None if all_tenants else principal.tenant
