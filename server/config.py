@@ -11,6 +11,7 @@ Unknown keys are errors (a typo must not silently fall back to a default). Every
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -100,6 +101,24 @@ class ImapConfig:
     pool_size: int = 4
     # Connect, login and per-command timeout, capped by the caller's deadline.
     timeout_seconds: float = 30.0
+    # The SSRF guard: IMAP/SMTP hosts that resolve to loopback, link-local, private, shared, multicast, unspecified
+    # or reserved addresses are refused (HOST_NOT_ALLOWED) unless they fall in one of these networks, such as
+    # "10.20.0.0/16" for an internal mail server. Checked on every connection, not only ConnectImapAccount.
+    allowed_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-caller resource limits (see README, "Limits"). Beyond them a call is RESOURCE_EXHAUSTED."""
+
+    # Unary calls without a deadline get this one (streams have none: a feed is meant to stay open).
+    default_deadline_seconds: float = 60.0
+    # Unary calls one client identity may have in flight at once (TOO_MANY_CONCURRENT_CALLS).
+    max_concurrent_calls_per_identity: int = 64
+    # Streams (WatchMailbox, GetAttachment) one client identity may have open at once (TOO_MANY_STREAMS).
+    max_streams_per_identity: int = 256
+    # WatchMailbox feeds open on one account at once, whoever opened them (TOO_MANY_WATCHES).
+    max_watches_per_account: int = 16
 
 
 @dataclass(frozen=True)
@@ -264,6 +283,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     imap: ImapConfig = field(default_factory=ImapConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     mail: MailConfig = field(default_factory=MailConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
@@ -423,6 +443,19 @@ def _validate(config: Config) -> None:
         raise ConfigurationError(f"config: logging.level must be one of {', '.join(LOG_LEVELS)}")
     if config.imap.pool_size <= 0 or config.imap.timeout_seconds <= 0:
         raise ConfigurationError("config: imap.pool_size and imap.timeout_seconds must be positive")
+    for index, network in enumerate(config.imap.allowed_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigurationError(f"config: imap.allowed_networks[{index}] is not a network (CIDR)") from None
+    for name in (
+        "default_deadline_seconds",
+        "max_concurrent_calls_per_identity",
+        "max_streams_per_identity",
+        "max_watches_per_account",
+    ):
+        if getattr(config.limits, name) <= 0:
+            raise ConfigurationError(f"config: limits.{name} must be positive")
     for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams", "blocking_threads"):
         if getattr(config.server, name) <= 0:
             raise ConfigurationError(f"config: server.{name} must be positive")
