@@ -113,7 +113,8 @@ def broker_toml(directory: Path, pki: TestPki, mail_ca: Path, settings: Mapping[
     sections: dict[str, dict[str, Any]] = {
         "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 1},
         "tls": {"cert": pki.server.cert, "key": pki.server.key, "client_ca": pki.ca},
-        "imap": {"ca_file": mail_ca},
+        # The harness's Dovecot is on loopback, which the SSRF guard refuses unless allowed.
+        "imap": {"ca_file": mail_ca, "allowed_networks": ["127.0.0.0/8", "::1/128"]},
         "logging": {"level": "INFO"},
     }
     for name, values in settings.items():
