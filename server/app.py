@@ -40,9 +40,11 @@ from server.interceptors.authentication import AuthenticationInterceptor
 from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.interceptors.limits import LimitsInterceptor
 from server.providers.google.gmail import GmailSettings
 from server.providers.google.oauth import GoogleOAuth
 from server.providers.imap.driver import ImapSettings
+from server.providers.imap.network import NetworkGuard
 from server.providers.microsoft.graph import GraphSettings
 from server.providers.microsoft.oauth import MicrosoftOAuth, microsoft_revoker
 from server.store.audit_anchor import AuditAnchor
@@ -173,6 +175,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         ca_file=str(config.imap.ca_file) if config.imap.ca_file else None,
         pool_size=config.imap.pool_size,
         timeout_seconds=config.imap.timeout_seconds,
+        guard=NetworkGuard.from_config(config.imap.allowed_networks),
     )
     accounts = Accounts(store, blocking, tokens)
     feeds = FeedHub()
@@ -222,6 +225,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         feeds,
         message_id_domain=config.mail.message_id_domain,
         folder_poll_seconds=config.mail.folder_poll_seconds,
+        max_watches_per_account=config.limits.max_watches_per_account,
     )
     imap_accounts = ImapAccounts(store, blocking, providers, imap_settings)
 
@@ -232,7 +236,11 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
             AuthenticationInterceptor(policy),
             AuthorizationInterceptor(policy),
             DrainingInterceptor(draining),
-            ErrorMappingInterceptor(),
+            LimitsInterceptor(
+                max_calls=config.limits.max_concurrent_calls_per_identity,
+                max_streams=config.limits.max_streams_per_identity,
+            ),
+            ErrorMappingInterceptor(default_deadline=config.limits.default_deadline_seconds),
         ],
         options=server_options(config),
     )

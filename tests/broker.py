@@ -16,7 +16,7 @@ from mailbroker.v1 import account_service_pb2_grpc, mail_service_pb2_grpc
 
 from server import config as config_module
 from server.app import Broker, start
-from server.config import Config, PolicyConfig, PolicyRule, ServerConfig, StoreConfig, TlsConfig
+from server.config import Config, ImapConfig, PolicyConfig, PolicyRule, ServerConfig, StoreConfig, TlsConfig
 from server.crypto.keyring import generate_key_file, load_keyring
 from server.domain.models import (
     Account,
@@ -33,12 +33,14 @@ from server.store.migrate import upgrade
 from server.store.repository import Store
 from tests.pki import PemPair, TestPki
 
+# The local Dovecot, SMTP server and fake mail servers listen on loopback, which the SSRF guard refuses by default.
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 LIMITED_METHODS = ("mailbroker.v1.AccountService/GetAccount", "mailbroker.v1.AccountService/ListAccounts")
 
 
 def broker_config(tmp_path: Path, pki: TestPki, **server: Any) -> Config:
     """A config for a broker on a free loopback port: alice and bob may call anything, carol only two methods,
-    mallory is unknown to the policy."""
+    mallory is unknown to the policy; IMAP and SMTP servers on loopback are allowed."""
     keys = tmp_path / "keys.json"
     if not keys.exists():
         generate_key_file(keys)
@@ -48,6 +50,7 @@ def broker_config(tmp_path: Path, pki: TestPki, **server: Any) -> Config:
         tls=TlsConfig(cert=pki.server.cert, key=pki.server.key, client_ca=pki.ca),
         store=StoreConfig(url=f"sqlite:///{tmp_path / 'broker.db'}"),
         keys=config_module.KeysConfig(file=keys),
+        imap=ImapConfig(allowed_networks=LOOPBACK_NETWORKS),
         policy=PolicyConfig(
             rules=(
                 PolicyRule(identities=(pki.alice.identity, pki.bob.identity), methods=("*",)),
@@ -142,6 +145,7 @@ def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
 
 
 __all__ = [
+    "LOOPBACK_NETWORKS",
     "RunningBroker",
     "broker_config",
     "error_reason",

@@ -24,6 +24,7 @@ from server.domain.principal import Principal
 from server.errors import FieldViolation, InvalidArgument
 from server.providers.imap.connection import Credentials
 from server.providers.imap.driver import ImapDriver, ImapSettings
+from server.providers.imap.network import HostNotAllowed
 from server.store.ids import new_account_id
 from server.store.repository import Store
 
@@ -31,6 +32,7 @@ DEADLINE_MARGIN_SECONDS = 0.25
 MAX_HOST_CHARS = 253
 MAX_USERNAME_CHARS = 256
 MAX_PASSWORD_CHARS = 1024
+MAX_ADDRESS_CHARS = 254  # RFC 5321: a path is at most 256 octets with its angle brackets
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -75,6 +77,7 @@ class ImapAccounts:
 
     def _validate(self, request: ImapConnectRequest) -> tuple[MailServer, str]:
         violations: list[FieldViolation] = []
+        refused: list[FieldViolation] = []
         reason = "INVALID_ARGUMENT"
 
         def check_server(server: MailServer | None, field: str, required: bool) -> None:
@@ -85,6 +88,9 @@ class ImapAccounts:
                 return
             if not _valid_host(server.host):
                 violations.append(FieldViolation(f"{field}.host", "must be a host name or an IP address"))
+            elif not self._settings.guard.check_literal(server.host):
+                # An address literal is refused before anything is sent; names are checked when they resolve.
+                refused.append(FieldViolation(f"{field}.host", "this address is not allowed by configuration"))
             if not 0 < server.port < 65536:
                 violations.append(FieldViolation(f"{field}.port", "must be 1-65535"))
             if server.security is TransportSecurity.PLAINTEXT and not self._settings.allow_plaintext:
@@ -103,10 +109,16 @@ class ImapAccounts:
             elif len(value) > limit or any(c in value for c in "\r\n\0"):
                 violations.append(FieldViolation(field, f"at most {limit} characters, no CR, LF or NUL"))
         address = parse_address(request.email_address or request.username)
+        if address is not None and len(address) > MAX_ADDRESS_CHARS:
+            address = None
         if request.email_address and address is None:
-            violations.append(FieldViolation("email_address", "must be an RFC 5322 address"))
+            violations.append(
+                FieldViolation("email_address", f"an RFC 5322 address of at most {MAX_ADDRESS_CHARS} characters")
+            )
         elif sending and address is None:
             violations.append(FieldViolation("email_address", "is required to send (the username is no address)"))
+        if refused and not violations:
+            raise HostNotAllowed(field_violations=refused)
         if violations:
             raise InvalidArgument("the account settings are not valid", reason=reason, field_violations=violations)
         assert request.imap_server is not None

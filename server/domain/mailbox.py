@@ -28,9 +28,9 @@ from server.domain.mail import (
     SendResult,
     check_query,
 )
-from server.domain.models import Capability
+from server.domain.models import Account, Capability
 from server.domain.principal import Principal
-from server.errors import FailedPrecondition, FieldViolation, InvalidArgument, OutcomeUnknown
+from server.errors import FailedPrecondition, FieldViolation, InvalidArgument, OutcomeUnknown, ResourceExhausted
 from server.providers import mime
 from server.store.repository import Store
 
@@ -63,8 +63,11 @@ class Mailboxes:
         *,
         message_id_domain: str,
         folder_poll_seconds: float = 30.0,
+        max_watches_per_account: int = 16,
     ) -> None:
         self._folder_poll_seconds = folder_poll_seconds
+        self._max_watches = max_watches_per_account
+        self._watches: dict[str, int] = {}  # open WatchMailbox feeds per account
         self._feeds = feeds
         self._sends: set[asyncio.Task[SendResult]] = set()
         self._resume_tokens = tokens
@@ -204,6 +207,28 @@ class Mailboxes:
         """Events with the resume token after each; heartbeats when nothing happens. Ends with the error that
         ended the feed (erasure, a lost credential, a consumer too slow)."""
         account = await self._accounts.require(principal, account_id, Capability.METADATA)
+        if self._watches.get(account_id, 0) >= self._max_watches:
+            raise ResourceExhausted("too many feeds are open on this account", reason="TOO_MANY_WATCHES")
+        self._watches[account_id] = self._watches.get(account_id, 0) + 1
+        try:
+            async for item in self._watch(account, account_id, principal, folder_ids, resume_token, heartbeat_seconds):
+                yield item
+        finally:
+            left = self._watches[account_id] - 1
+            if left:
+                self._watches[account_id] = left
+            else:
+                del self._watches[account_id]
+
+    async def _watch(
+        self,
+        account: Account,
+        account_id: str,
+        principal: Principal,
+        folder_ids: list[str],
+        resume_token: str,
+        heartbeat_seconds: float,
+    ) -> AsyncIterator[tuple[FeedEvent, str]]:
         driver = await self._drivers.get(account)
         folders = sorted(set(folder_ids)) or [driver.inbox_id]
         if len(folders) > MAX_WATCHED_FOLDERS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -14,7 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server.domain import deadline
-from server.errors import BrokerError, Internal
+from server.errors import BrokerError, DeadlineExceeded, Internal
 from server.interceptors.context import request_id
 from server.interceptors.wrapping import HandlerInterceptor
 
@@ -54,21 +54,66 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: BrokerE
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-class ErrorMappingInterceptor(HandlerInterceptor):
-    """Maps BrokerError to its status; anything unexpected becomes a generic INTERNAL with a logged traceback."""
+class StreamAwareInterceptor(HandlerInterceptor):
+    """A HandlerInterceptor that knows, in ``around``, whether the method streams (learnt from its handler, once
+    per method, before any call of it runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._streaming: dict[str, bool] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await super().intercept_service(continuation, handler_call_details)
+        method = handler_call_details.method
+        if handler is not None and method not in self._streaming:  # registered methods only: a bounded set
+            self._streaming[method] = bool(handler.request_streaming or handler.response_streaming)
+        return handler
+
+    def streams(self, method: str) -> bool:
+        return self._streaming.get(method, False)
+
+
+class ErrorMappingInterceptor(StreamAwareInterceptor):
+    """Maps BrokerError to its status; anything unexpected becomes a generic INTERNAL with a logged traceback.
+
+    It also records the caller's deadline for the code below (server.domain.deadline): provider calls are capped
+    by it. A unary call without one gets ``default_deadline`` seconds, enforced here (DEADLINE_EXCEEDED); streams
+    get none (a feed is meant to stay open).
+    """
+
+    def __init__(self, default_deadline: float | None = None) -> None:
+        super().__init__()
+        self._default_deadline = default_deadline
 
     @asynccontextmanager
     async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        deadline.set_from_remaining(context.time_remaining())  # so provider retries can stop in time
+        remaining = context.time_remaining()
+        imposed = None
+        if remaining is None and self._default_deadline is not None and not self.streams(method):
+            remaining = imposed = self._default_deadline
+        deadline.set_from_remaining(remaining)  # so provider calls and retries stop in time
+        timer = asyncio.timeout(imposed)
         try:
-            yield
+            async with timer:
+                yield
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except BrokerError as exc:
             if isinstance(exc, Internal):
                 log.error("internal error", exc_info=True, extra={"method": method, "reason": exc.reason})
             await abort_with(context, exc)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and timer.expired():
+                await abort_with(
+                    context,
+                    DeadlineExceeded(
+                        "the call took longer than the server's default deadline", reason="DEFAULT_DEADLINE_EXCEEDED"
+                    ),
+                )
             # The traceback is rendered without exception messages (server.logging), so no data leaks into it.
             log.error("unhandled error", exc_info=True, extra={"method": method, "reason": "INTERNAL"})
             await abort_with(context, Internal())

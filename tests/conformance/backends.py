@@ -29,6 +29,8 @@ from server.providers.base import MailDriver
 from server.providers.imap import ids
 from server.providers.imap.connection import Credentials
 from server.providers.imap.driver import ImapDriver, ImapSettings
+from server.providers.imap.network import NetworkGuard
+from tests.broker import LOOPBACK_NETWORKS
 from tests.mailserver import SPECIAL_USE_FOLDERS, Mailbox, MailServers
 
 ALL_CAPABILITIES = frozenset(Capability)
@@ -155,7 +157,11 @@ class ImapBackend(Backend):
         self._servers = servers
         self._blocking = BlockingPool(8, name="conformance-imap")
         # The local Dovecot answers in milliseconds: a short timeout makes a hung call fail its test quickly.
-        self._settings = ImapSettings(ca_file=str(servers.ca_path), timeout_seconds=IMAP_TIMEOUT_SECONDS)
+        self._settings = ImapSettings(
+            ca_file=str(servers.ca_path),
+            timeout_seconds=IMAP_TIMEOUT_SECONDS,
+            guard=NetworkGuard.from_config(LOOPBACK_NETWORKS),  # the local Dovecot is on loopback
+        )
         self._drivers: list[ImapDriver] = []
         self._mailbox: Mailbox | None = None
 

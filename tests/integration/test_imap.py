@@ -18,7 +18,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import ImapConfig, MailConfig
+from server.config import MailConfig
 from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
 from tests.mailserver import Mailbox, MailServers
 from tests.pki import TestPki
@@ -29,7 +29,9 @@ ALL = [rpb.CAPABILITY_METADATA, rpb.CAPABILITY_READ, rpb.CAPABILITY_SEND]
 def imap_config(tmp_path: Path, pki: TestPki, servers: MailServers, **imap: Any) -> Any:
     config = broker_config(tmp_path, pki)
     return dataclasses.replace(
-        config, imap=ImapConfig(ca_file=servers.ca_path, **imap), mail=MailConfig(folder_poll_seconds=0.5)
+        config,
+        imap=dataclasses.replace(config.imap, ca_file=servers.ca_path, **imap),
+        mail=MailConfig(folder_poll_seconds=0.5),
     )
 
 

@@ -14,6 +14,9 @@ from server.domain.models import MailServer, TransportSecurity
 from server.errors import ProviderUnavailable, ResourceExhausted
 from server.providers.imap.aioimap import AsyncImap
 from server.providers.imap.connection import Credentials
+from server.providers.imap.network import NetworkGuard
+
+LOOPBACK = NetworkGuard.from_config(["127.0.0.0/8"])  # the fake servers listen on loopback
 
 
 def _event(n: int) -> FeedEvent:
@@ -81,6 +84,7 @@ async def test_plaintext_injected_after_starttls_is_refused() -> None:
                 Credentials("user", "pw"),
                 ssl.create_default_context(),
                 5,
+                guard=LOOPBACK,
             )
         assert caught.value.reason == "PROVIDER_PROTOCOL_ERROR"
     finally:
@@ -123,6 +127,7 @@ async def test_idle_stays_open_through_keepalives_and_returns_real_changes() -> 
             Credentials("user", "pw"),
             ssl.create_default_context(),
             5,
+            guard=LOOPBACK,
         )
         lines = await client.idle(5, asyncio.Event())
         # The keepalive did not end the IDLE; the EXISTS that came after it did.

@@ -18,7 +18,9 @@ from imapclient import imap_utf7
 
 from server.domain.models import MailServer, TransportSecurity
 from server.errors import FailedPrecondition, NotFound, ProviderUnavailable, Unauthenticated
+from server.providers.imap import network
 from server.providers.imap.connection import ConnectionLost, Credentials
+from server.providers.imap.network import NetworkGuard
 
 MAX_LINE = 1 << 20  # a response line (VANISHED sets, flag lists) beyond this is a broken or hostile server
 _LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
@@ -89,14 +91,24 @@ class AsyncImap:
 
     @classmethod
     async def connect(
-        cls, server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float
+        cls, server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float, *, guard: NetworkGuard
     ) -> AsyncImap:
+        """Log in on an address ``guard`` permits (resolved once; TLS verifies the host name, not the address)."""
+        addresses = await guard.addresses_async(server.host, server.port)
         try:
             implicit = server.security is TransportSecurity.IMPLICIT_TLS
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    server.host, server.port, ssl=tls if implicit else None, limit=MAX_LINE
-                )
+                sock = await network.connect_async(addresses, server.port)
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        sock=sock,
+                        ssl=tls if implicit else None,
+                        server_hostname=server.host if implicit else None,
+                        limit=MAX_LINE,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except ssl.SSLCertVerificationError as exc:
             raise FailedPrecondition(
                 "the mail server's TLS certificate could not be verified", reason="PROVIDER_TLS_UNTRUSTED"

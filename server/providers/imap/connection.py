@@ -1,5 +1,9 @@
 """Opening IMAP and SMTP connections with verified TLS, and mapping their errors into the broker's tree.
 
+Every connection goes through the SSRF guard (server.providers.imap.network): the host name is resolved once, every
+address checked, and the socket opened to a checked address while TLS verifies the name. Timeouts are capped by
+the caller's deadline (server.domain.deadline), so no connect, login or command outlives the call it serves.
+
 Everything here blocks: callers run it in a BlockingPool thread, never on the event loop.
 """
 
@@ -12,17 +16,26 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap4
 from imapclient import exceptions as imap_exc
+from imapclient import tls as imap_tls
 
+from server.domain import deadline
 from server.domain.models import MailServer, TransportSecurity
 from server.errors import (
     BrokerError,
+    DeadlineExceeded,
     FailedPrecondition,
     ProviderUnavailable,
     Unauthenticated,
 )
+from server.providers.imap import network
+from server.providers.imap.network import NetworkGuard
+
+# A socket timeout of 0 would make the socket non-blocking: the least a capped timeout can be.
+MIN_TIMEOUT_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,73 @@ def provider_errors() -> Iterator[None]:
         raise ProviderUnavailable("the mail server cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
 
 
+def capped(timeout: float) -> float:
+    """``timeout``, or less when the caller's deadline comes sooner; DeadlineExceeded once it has passed."""
+    left = deadline.remaining()
+    if left is None:
+        return timeout
+    if left <= 0:
+        raise DeadlineExceeded("the call's deadline passed before the mail server was asked")
+    return max(MIN_TIMEOUT_SECONDS, min(timeout, left))
+
+
+class _PinnedIMAP4(imap4.IMAP4WithTimeout):  # type: ignore[misc]  # imapclient is untyped
+    """Plain IMAP (then STARTTLS, which imaplib verifies against ``host``) to checked addresses."""
+
+    def __init__(self, addresses: list[str], host: str, port: int, timeout: float | None) -> None:
+        self._addresses = addresses
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return network.connect(self._addresses, self.port, timeout if timeout is not None else self._timeout)
+
+
+class _PinnedIMAP4TLS(imap_tls.IMAP4_TLS):  # type: ignore[misc]  # imapclient is untyped
+    """Implicit-TLS IMAP to checked addresses, SNI and certificate verification on ``host``."""
+
+    def __init__(
+        self, addresses: list[str], host: str, port: int, context: ssl.SSLContext, timeout: float | None
+    ) -> None:
+        self._addresses = addresses
+        super().__init__(host, port, context, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = network.connect(self._addresses, self.port, timeout if timeout is not None else self._timeout)
+        wrapped: socket.socket = imap_tls.wrap_socket(sock, self.ssl_context, self.host)
+        return wrapped
+
+
+class _PinnedIMAPClient(IMAPClient):  # type: ignore[misc]  # imapclient is untyped
+    def __init__(self, addresses: list[str], host: str, **kwargs: Any) -> None:
+        self._addresses = addresses
+        super().__init__(host, **kwargs)
+
+    def _create_IMAP4(self) -> Any:
+        timeout = getattr(self._timeout, "connect", None)
+        if self.ssl:
+            return _PinnedIMAP4TLS(self._addresses, self.host, self.port, self.ssl_context, timeout)
+        return _PinnedIMAP4(self._addresses, self.host, self.port, timeout)
+
+
+class _PinnedSMTP(smtplib.SMTP):
+    def __init__(self, addresses: list[str], host: str, port: int, timeout: float) -> None:
+        self._addresses = addresses
+        super().__init__(host, port, timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return network.connect(self._addresses, port, timeout)
+
+
+class _PinnedSMTPSSL(smtplib.SMTP_SSL):
+    def __init__(self, addresses: list[str], host: str, port: int, timeout: float, context: ssl.SSLContext) -> None:
+        self._addresses = addresses
+        super().__init__(host, port, timeout=timeout, context=context)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = network.connect(self._addresses, port, timeout)
+        return self.context.wrap_socket(sock, server_hostname=self._host)  # type: ignore[attr-defined]
+
+
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """Certificate- and host-verifying TLS; ``ca_file`` replaces the system trust store when set."""
     context = ssl.create_default_context(cafile=ca_file or None)
@@ -95,10 +175,15 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
-def open_imap(server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float) -> IMAPClient:
-    """A logged-in IMAPClient; the socket is closed again on any failure."""
+def open_imap(
+    server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float, guard: NetworkGuard
+) -> IMAPClient:
+    """A logged-in IMAPClient on an address ``guard`` permits; the socket is closed again on any failure."""
     with provider_errors():
-        client = IMAPClient(
+        timeout = capped(timeout)
+        addresses = guard.addresses(server.host, server.port)
+        client = _PinnedIMAPClient(
+            addresses,
             server.host,
             port=server.port,
             ssl=server.security is TransportSecurity.IMPLICIT_TLS,
@@ -116,6 +201,22 @@ def open_imap(server: MailServer, credentials: Credentials, tls: ssl.SSLContext,
         return client
 
 
+def set_command_timeout(client: IMAPClient, timeout: float) -> None:
+    """Bound the next commands on a pooled connection by ``timeout`` capped by this call's deadline (the
+    connection may have been opened for another call, with another deadline)."""
+    client.socket().settimeout(capped(timeout))
+
+
+def abort_connection(client: IMAPClient) -> None:
+    """Cut a connection under the worker thread blocked on it, from another thread: its caller's deadline passed.
+
+    shutdown(2) on the descriptor wakes the blocked read at once (the TLS layer is not touched, so the worker
+    fails cleanly); the pool then discards the connection. Nothing is sent to the server.
+    """
+    with contextlib.suppress(Exception):
+        socket.socket.shutdown(client.socket(), socket.SHUT_RDWR)
+
+
 def close_imap(client: IMAPClient) -> None:
     """Log out politely if possible, and always close the socket."""
     try:
@@ -125,14 +226,19 @@ def close_imap(client: IMAPClient) -> None:
             client.shutdown()
 
 
-def open_smtp(server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float) -> smtplib.SMTP:
-    """A logged-in SMTP submission session (implicit TLS or STARTTLS; AUTH only over TLS unless plaintext)."""
+def open_smtp(
+    server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float, guard: NetworkGuard
+) -> smtplib.SMTP:
+    """A logged-in SMTP submission session on an address ``guard`` permits (implicit TLS or STARTTLS; AUTH only
+    over TLS unless plaintext)."""
     with provider_errors():
+        timeout = capped(timeout)
+        addresses = guard.addresses(server.host, server.port)
         smtp: smtplib.SMTP
         if server.security is TransportSecurity.IMPLICIT_TLS:
-            smtp = smtplib.SMTP_SSL(server.host, server.port, timeout=timeout, context=tls)
+            smtp = _PinnedSMTPSSL(addresses, server.host, server.port, timeout, tls)
         else:
-            smtp = smtplib.SMTP(server.host, server.port, timeout=timeout)
+            smtp = _PinnedSMTP(addresses, server.host, server.port, timeout)
         try:
             smtp.ehlo()
             if server.security is TransportSecurity.STARTTLS:

@@ -9,7 +9,7 @@ import logging
 import re
 import smtplib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ from server.providers.imap.connection import (
     tls_context,
 )
 from server.providers.imap.feed import FolderWatcher
+from server.providers.imap.network import NetworkGuard
 from server.providers.imap.pool import ImapPool, ImapSession, close_orphan
 
 log = logging.getLogger("mailbroker.imap")
@@ -79,6 +80,8 @@ class ImapSettings:
     ca_file: str | None = None
     pool_size: int = 4
     timeout_seconds: float = 30.0
+    # The SSRF guard every IMAP and SMTP connection goes through (config [imap] allowed_networks).
+    guard: NetworkGuard = field(default_factory=NetworkGuard)
 
 
 CAPABILITIES = DriverCapabilities(
@@ -118,9 +121,10 @@ class ImapDriver:
         self._tls = tls_context(settings.ca_file)
         imap_server = profile.imap_server
         self._pool = ImapPool(
-            lambda: open_imap(imap_server, credentials, self._tls, settings.timeout_seconds),
+            lambda: open_imap(imap_server, credentials, self._tls, settings.timeout_seconds, settings.guard),
             blocking,
             size=settings.pool_size,
+            command_timeout=settings.timeout_seconds,
         )
         self._sent_folder: str | None = None
 
@@ -133,7 +137,9 @@ class ImapDriver:
     async def verify(self, smtp: bool, timeout: float) -> None:
         """Log in to IMAP (and SMTP when asked) once, without retries, and log out again."""
         assert self._profile.imap_server is not None
-        opening = self._blocking.submit(open_imap, self._profile.imap_server, self._credentials, self._tls, timeout)
+        opening = self._blocking.submit(
+            open_imap, self._profile.imap_server, self._credentials, self._tls, timeout, self._settings.guard
+        )
         try:
             client = await asyncio.shield(opening)
         except asyncio.CancelledError:  # the caller's deadline: the login may still succeed, and is then undone
@@ -143,7 +149,7 @@ class ImapDriver:
         if smtp:
             assert self._profile.smtp_server is not None
             session = await self._blocking.run(
-                open_smtp, self._profile.smtp_server, self._credentials, self._tls, timeout
+                open_smtp, self._profile.smtp_server, self._credentials, self._tls, timeout, self._settings.guard
             )
             await self._blocking.run(close_smtp, session)
 
@@ -224,7 +230,9 @@ class ImapDriver:
         def submit() -> None:
             # Until the server answers the message, an error means it was not sent; an explicit refusal
             # (recipients, sender, data) too. A connection lost or a timeout mid-transaction leaves it unknown.
-            session = open_smtp(smtp_server, self._credentials, self._tls, self._settings.timeout_seconds)
+            session = open_smtp(
+                smtp_server, self._credentials, self._tls, self._settings.timeout_seconds, self._settings.guard
+            )
             try:
                 with provider_errors():
                     try:
@@ -256,7 +264,10 @@ class ImapDriver:
         server = self._profile.imap_server
 
         async def connect() -> AsyncImap:
-            return await AsyncImap.connect(server, self._credentials, self._tls, self._settings.timeout_seconds)
+            # Not capped by the caller's deadline: the feed's upstream outlives the call that started it.
+            return await AsyncImap.connect(
+                server, self._credentials, self._tls, self._settings.timeout_seconds, guard=self._settings.guard
+            )
 
         return FolderWatcher(folder, connect, self.summaries)
 

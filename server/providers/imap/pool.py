@@ -19,7 +19,13 @@ from imapclient import IMAPClient
 
 from server.domain.blocking import BlockingPool
 from server.errors import ProviderUnavailable
-from server.providers.imap.connection import ConnectionLost, close_imap, provider_errors
+from server.providers.imap.connection import (
+    ConnectionLost,
+    abort_connection,
+    close_imap,
+    provider_errors,
+    set_command_timeout,
+)
 
 log = logging.getLogger("mailbroker.imap.pool")
 
@@ -102,8 +108,10 @@ class ImapPool:
         attempts: int = 3,
         backoff: float = 0.2,
         backoff_cap: float = 2.0,
+        command_timeout: float | None = None,
     ) -> None:
         self._connect = connect
+        self._command_timeout = command_timeout
         self._blocking = blocking
         self._slots = asyncio.Semaphore(size)
         self._idle: list[ImapSession] = []
@@ -183,10 +191,12 @@ class ImapPool:
         except BaseException:
             self._slots.release()
             raise
-        work = self._blocking.submit(_guarded, fn, session)
+        work = self._blocking.submit(_guarded, fn, session, self._command_timeout)
         try:
             result = await asyncio.shield(work)
         except asyncio.CancelledError:
+            # The caller's deadline passed (or it went away): nothing may go on talking to the server for it.
+            abort_connection(session.client)
             work.add_done_callback(lambda _: self._retire_later(session))
             raise
         except ProviderUnavailable:
@@ -261,6 +271,8 @@ def _noop(client: IMAPClient) -> None:
         client.noop()
 
 
-def _guarded(fn: Callable[[ImapSession], T], session: ImapSession) -> T:
+def _guarded(fn: Callable[[ImapSession], T], session: ImapSession, timeout: float | None) -> T:
     with provider_errors():
+        if timeout is not None:
+            set_command_timeout(session.client, timeout)
         return fn(session)
