@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import imap_feeds, imap_reads, profiling
+from bench import fuzz, imap_feeds, imap_reads, profiling
 from bench.harness import Run
 from bench.proc import kernel_setting_at_least, raise_open_files_limit
 from bench.report import REPO, FigureResult, render_table, write_json
@@ -34,6 +34,7 @@ FIGURES: dict[str, Callable[[Run], FigureResult]] = {
     "watched_accounts_1000": imap_feeds.watched_accounts_1000,
     "list_messages_100k": imap_reads.list_messages_100k,
     "attachment_25mb": imap_reads.attachment_25mb,
+    "fuzz": fuzz.fuzz,
 }
 
 

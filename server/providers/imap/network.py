@@ -33,7 +33,7 @@ class HostNotAllowed(PermissionDenied):
     default_message = "the mail server's address is not allowed by this broker's configuration"
 
 
-def system_resolver(host: str, port: int) -> list[str]:
+def resolve(host: str, port: int) -> list[str]:
     """The host's addresses from the system resolver (an IP literal resolves to itself, with no lookup)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     addresses: list[str] = []
@@ -85,10 +85,11 @@ class NetworkGuard:
     """Public addresses, plus the networks the operator allowed (``[imap] allowed_networks``)."""
 
     allowed_networks: tuple[IPNetwork, ...] = ()
-    resolver: Resolver = field(default=system_resolver, compare=False)
+    # None: the system resolver (looked up at each call, so tests can stand a stub in for it).
+    resolver: Resolver | None = field(default=None, compare=False)
 
     @classmethod
-    def from_config(cls, networks: Sequence[str], resolver: Resolver = system_resolver) -> NetworkGuard:
+    def from_config(cls, networks: Sequence[str], resolver: Resolver | None = None) -> NetworkGuard:
         """Raises ValueError for a network that does not parse (config checks it at start-up)."""
         return cls(tuple(ipaddress.ip_network(n, strict=False) for n in networks), resolver)
 
@@ -114,7 +115,7 @@ class NetworkGuard:
         connection ends up on cannot decide whether the guard applies.
         """
         try:
-            resolved = self.resolver(host, port)
+            resolved = (self.resolver or resolve)(host, port)
         except (socket.gaierror, UnicodeError) as exc:
             raise ProviderUnavailable(
                 "the mail server's host name does not resolve", reason="PROVIDER_UNREACHABLE"
