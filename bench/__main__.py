@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import fuzz, imap_feeds, imap_reads, profiling
+from bench import fuzz, imap_feeds, imap_reads, oauth, profiling, scale
 from bench.harness import Run
 from bench.proc import kernel_setting_at_least, raise_open_files_limit
 from bench.report import REPO, FigureResult, render_table, write_json
@@ -35,6 +35,9 @@ FIGURES: dict[str, Callable[[Run], FigureResult]] = {
     "list_messages_100k": imap_reads.list_messages_100k,
     "attachment_25mb": imap_reads.attachment_25mb,
     "fuzz": fuzz.fuzz,
+    "watch_streams_10000": scale.watch_streams_10000,
+    "get_account_throughput": scale.get_account_throughput,
+    "oauth_single_flight": oauth.oauth_single_flight,
 }
 
 

@@ -59,6 +59,10 @@ class BareServer:
             raise RuntimeError("the bare gRPC server did not start")
         self.target = f"127.0.0.1:{int(line)}"
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def close(self) -> None:
         if self._process.poll() is None:
             self._process.terminate()

@@ -46,6 +46,7 @@ READ: tuple[rpb.Capability, ...] = (rpb.CAPABILITY_METADATA, rpb.CAPABILITY_READ
 # Accounts name their server by host name, as real ones do, so the broker resolves it (/etc/hosts here) like it
 # would in production; the harness's certificate is valid for it.
 IMAP_HOST = "localhost"
+BENCH_LIMIT = 1_000_000
 
 
 class MailHarness:
@@ -116,6 +117,13 @@ def broker_toml(directory: Path, pki: TestPki, mail_ca: Path, settings: Mapping[
         # The harness's Dovecot is on loopback, which the SSRF guard refuses unless allowed.
         "imap": {"ca_file": mail_ca, "allowed_networks": ["127.0.0.0/8", "::1/128"]},
         "logging": {"level": "INFO"},
+        # The bench is one client identity making a whole fleet's load (10,000 streams, 1,000 watched accounts,
+        # hundreds of calls in flight): per-identity and per-account limits are raised out of its way.
+        "limits": {
+            "max_concurrent_calls_per_identity": BENCH_LIMIT,
+            "max_streams_per_identity": BENCH_LIMIT,
+            "max_watches_per_account": BENCH_LIMIT,
+        },
     }
     for name, values in settings.items():
         sections.setdefault(name, {}).update(values)

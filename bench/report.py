@@ -18,20 +18,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Target:
-    """A bound a metric should meet: ``value <= bound`` or ``value >= bound``."""
+    """A bound a metric should meet: ``value <= bound``, ``value >= bound`` or exactly ``value == bound``."""
 
-    op: Literal["<=", ">="]
+    op: Literal["<=", ">=", "=="]
     bound: float
 
     def met(self, value: float) -> bool:
+        if self.op == "==":
+            return value == self.bound
         return value <= self.bound if self.op == "<=" else value >= self.bound
 
     def describe(self, unit: str) -> str:
-        return f"{'≤' if self.op == '<=' else '≥'} {_number(self.bound)}{_unit(unit)}"
+        sign = {"<=": "≤", ">=": "≥", "==": "exactly"}[self.op]
+        return f"{sign} {_number(self.bound)}{_unit(unit)}"
 
     def verdict(self, value: float) -> str:
         """ "ok"/"MISS" with where the value stands against the bound."""
         word = "ok" if self.met(value) else "MISS"
+        if self.op == "==":
+            return word
         if self.op == "<=":
             return f"{word} ({value / self.bound:.0%} of limit)" if self.bound else word
         return f"{word} ({value / self.bound:.2g}x the minimum)" if self.bound else word
