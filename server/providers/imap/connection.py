@@ -10,6 +10,7 @@ Everything here blocks: callers run it in a BlockingPool thread, never on the ev
 from __future__ import annotations
 
 import contextlib
+import logging
 import smtplib
 import socket
 import ssl
@@ -36,6 +37,17 @@ from server.providers.imap.network import NetworkGuard
 
 # A socket timeout of 0 would make the socket non-blocking: the least a capped timeout can be.
 MIN_TIMEOUT_SECONDS = 0.05
+
+
+class _NoLoginEcho(logging.Filter):
+    """imapclient logs "Logged in as <username>" at DEBUG; a username need not look like an address, so the
+    backstop filter cannot be relied on to mask it (found by tests/security/test_error_hygiene.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Logged in as"))
+
+
+logging.getLogger("imapclient.imapclient").addFilter(_NoLoginEcho())
 
 
 @dataclass(frozen=True)
