@@ -22,13 +22,14 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import Config, GoogleConfig, OAuthConfig
+from server.config import Config, GoogleConfig, LimitsConfig, OAuthConfig
 from server.providers.google.oauth import METADATA_SCOPE, READONLY_SCOPE, SEND_SCOPE
 from tests.broker import RunningBroker, broker_config, error_reason, rich_status, running_broker, stubs
 from tests.emulators.google import GoogleEmulator
 from tests.emulators.google.fixtures import google_emulator  # noqa: F401 - a fixture, found by name
 from tests.pki import TestPki
 
+CONCURRENT_CALLS = 100
 REDIRECT_URI = "https://app.example.test/oauth/callback"
 USER = "canary.gmail.user@example.test"
 OTHER_USER = "canary.other.user@example.test"
@@ -51,6 +52,8 @@ def google(tmp_path: Path, pki: TestPki, google_emulator: GoogleEmulator) -> Goo
     google_emulator.add_user(OTHER_USER)
     config = dataclasses.replace(
         broker_config(tmp_path, pki),
+        # 100 concurrent calls from one identity (the single-flight test) are more than the default cap of 64.
+        limits=LimitsConfig(max_concurrent_calls_per_identity=CONCURRENT_CALLS + 10),
         google=GoogleConfig(
             client_id=client.client_id,
             client_secret=client.client_secret,
@@ -433,7 +436,7 @@ async def test_a_hundred_concurrent_calls_on_a_cold_token_make_one_refresh(googl
     # A restarted broker holds no access token: the first calls all need one.
     async with serving(google) as broker, broker.channel(broker.pki.alice) as channel:
         _, mail = stubs(channel)
-        calls = [mail.ListMessages(_inbox(account), timeout=30) for _ in range(100)]
+        calls = [mail.ListMessages(_inbox(account), timeout=30) for _ in range(CONCURRENT_CALLS)]
         results = await asyncio.gather(*calls)
         assert all(len(r.messages) == 1 for r in results)
     assert google.emulator.counters().get("token.refresh_token", 0) - before == 1
