@@ -15,7 +15,7 @@ from server.domain import paging
 from server.domain.accounts import Accounts
 from server.domain.blocking import BlockingPool
 from server.domain.drivers import Drivers
-from server.domain.feeds import FeedEnded, FeedHub, FolderListWatcher, Subscriber, Upstream
+from server.domain.feeds import FeedEnded, FeedHub, FolderListWatcher, Subscriber, Upstream, Wake
 from server.domain.mail import (
     AttachmentChunk,
     EmailAddress,
@@ -256,7 +256,8 @@ class Mailboxes:
             factories[folder] = lambda watcher=watcher: watcher  # type: ignore[misc]
         factories[FOLDER_LIST] = lambda: FolderListWatcher(driver.list_folders, self._folder_poll_seconds)
         subscribers: dict[str, Subscriber] = {}
-        getters: dict[asyncio.Task[FeedEvent | FeedEnded], str] = {}
+        # One event for all of this stream's subscribers, set when any of them queues something: no task per queue.
+        wake = Wake()
         try:
             for folder, factory in factories.items():
                 subscribers[folder] = self._feeds.subscribe(
@@ -264,31 +265,32 @@ class Mailboxes:
                     folder,
                     factory,
                     positions.get(folder),  # type: ignore[arg-type]
+                    wake,
                 )
             for folder, subscriber in subscribers.items():
                 start = await subscriber.start
                 positions.setdefault(folder, start)
-            for folder, subscriber in subscribers.items():
-                getters[asyncio.ensure_future(subscriber.queue.get())] = folder
+            queues = [(folder, subscribers[folder].queue) for folder in sorted(subscribers)]
             while True:
-                done, _ = await asyncio.wait(getters, timeout=heartbeat_seconds, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    yield (
-                        FeedEvent(Heartbeat(), {}, datetime.now(UTC)),
-                        self._resume_tokens.seal("resume", binding, positions),
-                    )
+                # Cleared before the queues are looked at: whatever is queued after that sets it again.
+                wake.clear()
+                ready = [(folder, queue.get_nowait()) for folder, queue in queues if not queue.empty()]
+                if not ready:
+                    try:
+                        async with asyncio.timeout(heartbeat_seconds):  # not wait_for: no task per wait
+                            await wake.wait()
+                    except TimeoutError:
+                        yield (
+                            FeedEvent(Heartbeat(), {}, datetime.now(UTC)),
+                            self._resume_tokens.seal("resume", binding, positions),
+                        )
                     continue
-                for task in sorted(done, key=lambda t: getters[t]):
-                    folder = getters.pop(task)
-                    item = task.result()
+                for folder, item in ready:  # one item of each folder with any, in folder order, per round
                     if isinstance(item, FeedEnded):
                         raise item.error
                     if item.cursor:  # a position-less event (AccountStateChanged) leaves the token as it was
                         positions[folder] = item.cursor
-                    getters[asyncio.ensure_future(subscribers[folder].queue.get())] = folder
                     yield item, self._resume_tokens.seal("resume", binding, positions)
         finally:
-            for task in getters:
-                task.cancel()
             for folder, subscriber in subscribers.items():
                 self._feeds.unsubscribe(account_id, folder, subscriber)
