@@ -28,7 +28,7 @@ from server.domain.mail import (
     SendResult,
     check_query,
 )
-from server.domain.models import Account, Capability
+from server.domain.models import Capability
 from server.domain.principal import Principal
 from server.errors import FailedPrecondition, FieldViolation, InvalidArgument, OutcomeUnknown, ResourceExhausted
 from server.providers import mime
@@ -210,87 +210,77 @@ class Mailboxes:
         if self._watches.get(account_id, 0) >= self._max_watches:
             raise ResourceExhausted("too many feeds are open on this account", reason="TOO_MANY_WATCHES")
         self._watches[account_id] = self._watches.get(account_id, 0) + 1
+        # One generator for the whole feed, not one wrapping another: 10,000 open feeds each keep theirs.
         try:
-            async for item in self._watch(account, account_id, principal, folder_ids, resume_token, heartbeat_seconds):
-                yield item
+            driver = await self._drivers.get(account)
+            folders = sorted(set(folder_ids)) or [driver.inbox_id]
+            if len(folders) > MAX_WATCHED_FOLDERS:
+                raise InvalidArgument(
+                    f"at most {MAX_WATCHED_FOLDERS} folders per feed",
+                    reason="TOO_MANY_FOLDERS",
+                    field_violations=[FieldViolation("folders", f"at most {MAX_WATCHED_FOLDERS}")],
+                )
+            binding = [principal.tenant, account_id, *folders]
+            positions: dict[str, object] = {}
+            if resume_token:
+                opened = self._resume_tokens.open("resume", binding, resume_token)
+                if opened is None:
+                    raise InvalidArgument(
+                        "resume_token is not valid for this feed",
+                        reason="INVALID_RESUME_TOKEN",
+                        field_violations=[FieldViolation("resume_token", "not a token of this account's feed")],
+                    )
+                positions = opened
+            # Every upstream is made first (nothing runs until the hub starts one), so a folder id the driver refuses
+            # fails the call before any feed exists.
+            factories: dict[str, Callable[[], Upstream]] = {}
+            for folder in folders:
+                watcher = driver.folder_watcher(folder)
+                factories[folder] = lambda watcher=watcher: watcher  # type: ignore[misc]
+            factories[FOLDER_LIST] = lambda: FolderListWatcher(driver.list_folders, self._folder_poll_seconds)
+            subscribers: dict[str, Subscriber] = {}
+            # One flag for all of this stream's subscribers, set when any of them queues something: no task per queue.
+            wake = Wake()
+            try:
+                for folder, factory in factories.items():
+                    subscribers[folder] = self._feeds.subscribe(
+                        account_id,
+                        folder,
+                        factory,
+                        positions.get(folder),  # type: ignore[arg-type]
+                        wake,
+                    )
+                factories.clear()  # their closures would live as long as the feed
+                for folder, subscriber in subscribers.items():
+                    start = await subscriber.start
+                    positions.setdefault(folder, start)
+                queues = [(folder, subscribers[folder].queue) for folder in sorted(subscribers)]
+                while True:
+                    # Cleared before the queues are looked at: whatever is queued after that sets it again.
+                    wake.clear()
+                    ready = [(folder, queue.get_nowait()) for folder, queue in queues if not queue.empty()]
+                    if not ready:
+                        try:
+                            async with asyncio.timeout(heartbeat_seconds):  # not wait_for: no task per wait
+                                await wake.wait()
+                        except TimeoutError:
+                            yield (
+                                FeedEvent(Heartbeat(), {}, datetime.now(UTC)),
+                                self._resume_tokens.seal("resume", binding, positions),
+                            )
+                        continue
+                    for folder, item in ready:  # one item of each folder with any, in folder order, per round
+                        if isinstance(item, FeedEnded):
+                            raise item.error
+                        if item.cursor:  # a position-less event (AccountStateChanged) leaves the token as it was
+                            positions[folder] = item.cursor
+                        yield item, self._resume_tokens.seal("resume", binding, positions)
+            finally:
+                for folder, subscriber in subscribers.items():
+                    self._feeds.unsubscribe(account_id, folder, subscriber)
         finally:
             left = self._watches[account_id] - 1
             if left:
                 self._watches[account_id] = left
             else:
                 del self._watches[account_id]
-
-    async def _watch(
-        self,
-        account: Account,
-        account_id: str,
-        principal: Principal,
-        folder_ids: list[str],
-        resume_token: str,
-        heartbeat_seconds: float,
-    ) -> AsyncIterator[tuple[FeedEvent, str]]:
-        driver = await self._drivers.get(account)
-        folders = sorted(set(folder_ids)) or [driver.inbox_id]
-        if len(folders) > MAX_WATCHED_FOLDERS:
-            raise InvalidArgument(
-                f"at most {MAX_WATCHED_FOLDERS} folders per feed",
-                reason="TOO_MANY_FOLDERS",
-                field_violations=[FieldViolation("folders", f"at most {MAX_WATCHED_FOLDERS}")],
-            )
-        binding = [principal.tenant, account_id, *folders]
-        positions: dict[str, object] = {}
-        if resume_token:
-            opened = self._resume_tokens.open("resume", binding, resume_token)
-            if opened is None:
-                raise InvalidArgument(
-                    "resume_token is not valid for this feed",
-                    reason="INVALID_RESUME_TOKEN",
-                    field_violations=[FieldViolation("resume_token", "not a token of this account's feed")],
-                )
-            positions = opened
-        # Every upstream is made first (nothing runs until the hub starts one), so a folder id the driver refuses
-        # fails the call before any feed exists.
-        factories: dict[str, Callable[[], Upstream]] = {}
-        for folder in folders:
-            watcher = driver.folder_watcher(folder)
-            factories[folder] = lambda watcher=watcher: watcher  # type: ignore[misc]
-        factories[FOLDER_LIST] = lambda: FolderListWatcher(driver.list_folders, self._folder_poll_seconds)
-        subscribers: dict[str, Subscriber] = {}
-        # One event for all of this stream's subscribers, set when any of them queues something: no task per queue.
-        wake = Wake()
-        try:
-            for folder, factory in factories.items():
-                subscribers[folder] = self._feeds.subscribe(
-                    account_id,
-                    folder,
-                    factory,
-                    positions.get(folder),  # type: ignore[arg-type]
-                    wake,
-                )
-            for folder, subscriber in subscribers.items():
-                start = await subscriber.start
-                positions.setdefault(folder, start)
-            queues = [(folder, subscribers[folder].queue) for folder in sorted(subscribers)]
-            while True:
-                # Cleared before the queues are looked at: whatever is queued after that sets it again.
-                wake.clear()
-                ready = [(folder, queue.get_nowait()) for folder, queue in queues if not queue.empty()]
-                if not ready:
-                    try:
-                        async with asyncio.timeout(heartbeat_seconds):  # not wait_for: no task per wait
-                            await wake.wait()
-                    except TimeoutError:
-                        yield (
-                            FeedEvent(Heartbeat(), {}, datetime.now(UTC)),
-                            self._resume_tokens.seal("resume", binding, positions),
-                        )
-                    continue
-                for folder, item in ready:  # one item of each folder with any, in folder order, per round
-                    if isinstance(item, FeedEnded):
-                        raise item.error
-                    if item.cursor:  # a position-less event (AccountStateChanged) leaves the token as it was
-                        positions[folder] = item.cursor
-                    yield item, self._resume_tokens.seal("resume", binding, positions)
-        finally:
-            for folder, subscriber in subscribers.items():
-                self._feeds.unsubscribe(account_id, folder, subscriber)
