@@ -1,7 +1,7 @@
 """``python -m bench``: run the performance figures, print the table, write bench/results/<timestamp>.json.
 
-    python -m bench                 every figure at full scale (about 5 minutes on 2 cores)
-    python -m bench --quick         small counts, well under a minute: a smoke pass for CI (checks only that every
+    python -m bench                 every figure at full scale (about 12 minutes on 2 cores, more with fuzz)
+    python -m bench --quick         small counts, about 100 s: a smoke pass (checks only that every
                                     figure produced its numbers; never times)
     python -m bench --only feed_latency --profile    one figure, with a py-spy profile of the broker
 
@@ -43,7 +43,7 @@ FIGURES: dict[str, Callable[[Run], FigureResult]] = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke pass that finishes in < 60 s")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke pass of about 100 s")
     parser.add_argument("--only", action="append", choices=sorted(FIGURES), metavar="NAME", help="run only NAME")
     parser.add_argument("--profile", action="store_true", help="record the broker with py-spy during each figure")
     parser.add_argument(

@@ -10,7 +10,8 @@ between ``start`` and ``end`` and prints ``{"ok": n, "errors": n, "latency_ms": 
 
 ``watch``: ``streams`` WatchMailbox streams spread over ``accounts`` (Health/Watch without any) and ``channels``
 connections; prints
-``{"up": n}`` once every stream has sent its first event (a heartbeat), then for each ``{"expect": K, "timeout": T}``
+``{"up": n, "retried": {reason: n}}`` once every stream has sent its first event (a heartbeat; a stream cancelled
+before that is opened again, and counted), then for each ``{"expect": K, "timeout": T}``
 line read from stdin waits until every stream has read K MessageAdded events (or T seconds pass) and prints
 ``{"received": {count: streams}, "ended": n}``; an empty line or EOF ends it.
 """
@@ -123,24 +124,34 @@ async def watch(settings: dict[str, Any]) -> None:
 
     health = [health_pb2_grpc.HealthStub(c) for c in channels]
 
+    retried: list[str] = []
+
     async def follow(index: int) -> None:
-        call: Any
-        if accounts:
-            request = mpb.WatchMailboxRequest(account=accounts[index % len(accounts)], heartbeat_interval=heartbeat)
-            call = stubs[index % len(stubs)].WatchMailbox(request)
-        else:  # the floor: Health/Watch on a bare grpc.aio server, which answers at once and then waits
-            call = health[index % len(health)].Watch(health_pb2.HealthCheckRequest())
-        try:
-            async for event in call:
-                up[index].set()
-                if event.WhichOneof("event") == "message_added":
-                    received[index] += 1
-                    changed.set()
-        except grpc.aio.AioRpcError as exc:
-            ended.append(f"{exc.code().name}: {exc.details()}"[:100])
-        else:
-            ended.append("OK")
-        changed.set()
+        while True:
+            call: Any
+            if accounts:
+                request = mpb.WatchMailboxRequest(account=accounts[index % len(accounts)], heartbeat_interval=heartbeat)
+                call = stubs[index % len(stubs)].WatchMailbox(request)
+            else:  # the floor: Health/Watch on a bare grpc.aio server, which answers at once and then waits
+                call = health[index % len(health)].Watch(health_pb2.HealthCheckRequest())
+            try:
+                async for event in call:
+                    up[index].set()
+                    if event.WhichOneof("event") == "message_added":
+                        received[index] += 1
+                        changed.set()
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"[:100]
+                if not up[index].is_set() and exc.code() == grpc.StatusCode.CANCELLED:
+                    # Cancelled by gRPC before the broker took the call (see below): a client retries, so does this.
+                    retried.append(reason)
+                    await asyncio.sleep(random.uniform(1.0, 5.0))  # noqa: S311 - jitter, not crypto
+                    continue
+                ended.append(reason)
+            else:
+                ended.append("OK")
+            changed.set()
+            return
 
     # Streams open at ``open_per_second``: a burst of thousands of calls at once overflows gRPC's queue of calls the
     # server has not yet picked up (grpc.server_max_pending_requests, 1,000), and gRPC cancels the excess.
@@ -152,11 +163,14 @@ async def watch(settings: dict[str, Any]) -> None:
             await asyncio.sleep(max(0.0, began + (index + 1) / settings["open_per_second"] - time.monotonic()))
     try:
         waiting = asyncio.gather(*(event.wait() for event in up))
+        deadline = time.monotonic() + count / settings["open_per_second"] + 3 * settings["heartbeat_seconds"] + 60
         while not waiting.done():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{sum(not e.is_set() for e in up)} streams not up; retried {len(retried)} times")
             if ended:
                 raise RuntimeError(f"{len(ended)} streams ended before they were up: {Counter(ended).most_common(3)}")
             await asyncio.wait({waiting}, timeout=0.5)
-        _say({"up": count})
+        _say({"up": count, "retried": dict(Counter(retried))})
         loop = asyncio.get_running_loop()
         while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
             order = json.loads(line)
