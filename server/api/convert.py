@@ -282,7 +282,9 @@ RESYNC_REASONS = {
 def heartbeat_seconds(request: Any) -> float:
     if not request.HasField("heartbeat_interval"):
         return HEARTBEAT_DEFAULT_SECONDS
-    seconds = float(request.heartbeat_interval.ToTimedelta().total_seconds())
+    interval = request.heartbeat_interval
+    # Read the fields, not ToTimedelta(): a Duration may hold more seconds than a timedelta can (OverflowError).
+    seconds: float = float(interval.seconds) + float(interval.nanos) / 1e9
     if not HEARTBEAT_MIN_SECONDS <= seconds <= HEARTBEAT_MAX_SECONDS:
         raise InvalidArgument(
             "heartbeat_interval must be 5 s to 300 s",

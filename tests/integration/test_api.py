@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mailbroker.v1 import account_service_pb2 as apb
@@ -357,3 +358,26 @@ async def test_queries_that_could_escape_into_provider_syntax_are_refused(broker
             mail.ListMessages(mpb.ListMessagesRequest(parent=f"accounts/{account.id}", query=query), timeout=5)
         )
     assert (error.code(), error_reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUERY")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(2**62, 0), (-(2**62), 0), (4, 999_999_999), (301, 0), (-5, 0), (0, 0)],
+)
+async def test_a_heartbeat_interval_out_of_range_is_invalid_argument_never_internal(
+    broker: RunningBroker, seconds: int, nanos: int
+) -> None:
+    # Found by the long fuzz run: a Duration beyond what a timedelta can hold made WatchMailbox answer INTERNAL.
+    account = seed_account(broker.store(), broker.pki.alice.identity)
+    async with broker.channel(broker.pki.alice) as channel:
+        _, mail = stubs(channel)
+        request = mpb.WatchMailboxRequest(
+            account=f"accounts/{account.id}", heartbeat_interval=duration_pb2.Duration(seconds=seconds, nanos=nanos)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in mail.WatchMailbox(request, timeout=10):
+                pass
+        assert (caught.value.code(), error_reason(caught.value)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_HEARTBEAT_INTERVAL",
+        )
