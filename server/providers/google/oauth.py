@@ -11,7 +11,6 @@ import base64
 import hashlib
 import logging
 import secrets
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from server.config import GoogleConfig
 from server.domain.models import Capability, Provider
 from server.domain.oauth import Grant
 from server.errors import FailedPrecondition, InvalidArgument, ProviderUnavailable, Unauthenticated
+from server.providers.http import ThreadSessions
 
 log = logging.getLogger("mailbroker.google")
 
@@ -110,11 +110,7 @@ class GoogleOAuth:
         self._endpoints = _Endpoints(
             config.authorization_endpoint, config.token_endpoint, config.revoke_endpoint, config.certs_url
         )
-        self._verify: str | bool = str(config.ca_file) if config.ca_file else True
-        self._timeout = config.timeout_seconds
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
+        self._http = ThreadSessions(str(config.ca_file) if config.ca_file else True, config.timeout_seconds)
 
     # -- consent ---------------------------------------------------------------------------------------------------
 
@@ -224,11 +220,10 @@ class GoogleOAuth:
     def revoke(self, token: str) -> None:
         """Revoke the grant behind ``token`` at Google. An already revoked grant counts as revoked."""
         try:
-            response = self._session().post(
+            response = self._http.post(
                 self._endpoints.revoke,
                 data={"token": token},
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
-                timeout=self._timeout,
             )
         except requests.RequestException as exc:
             raise ProviderUnavailable(
@@ -247,32 +242,16 @@ class GoogleOAuth:
 
     def close(self) -> None:
         """Close every thread's kept-alive connections (at shutdown)."""
-        with self._sessions_lock:
-            for session in self._sessions:
-                session.close()
+        self._http.close()
 
     # -- HTTP ------------------------------------------------------------------------------------------------------
 
-    def _session(self) -> requests.Session:
-        # One session per thread: requests sessions are not documented as thread-safe.
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = _Session()
-            # Not from the environment: REQUESTS_CA_BUNDLE would replace the configured CA, a proxy variable would
-            # route tokens through a proxy.
-            session.trust_env = False
-            session.verify = self._verify
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
-
     def _request(self) -> google.auth.transport.requests.Request:
-        return google.auth.transport.requests.Request(self._session())
+        return google.auth.transport.requests.Request(self._http.session())
 
     def _post_token(self, form: Mapping[str, str], *, exchanging: bool) -> dict[str, Any]:
         try:
-            response = self._session().post(self._endpoints.token, data=dict(form), timeout=self._timeout)
+            response = self._http.post(self._endpoints.token, data=dict(form))
         except requests.RequestException as exc:
             raise ProviderUnavailable(
                 "the provider's token endpoint cannot be reached", reason="PROVIDER_UNREACHABLE"
@@ -302,17 +281,6 @@ class GoogleOAuth:
             reason="PROVIDER_ERROR",
             metadata={"http_status": str(response.status_code)},
         )
-
-
-class _Session(requests.Session):
-    """A session whose own ``verify`` (the configured CA file) wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE:
-    plain requests lets the environment override ``Session.verify`` (psf/requests#3829, #4650)."""
-
-    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
-        settings: dict[str, Any] = super().merge_environment_settings(url, proxies, stream, verify, cert)
-        if verify is None and self.verify is not True:
-            settings["verify"] = self.verify
-        return settings
 
 
 def _error_code(response: requests.Response) -> str:

@@ -61,7 +61,7 @@ from server.errors import (
 )
 from server.providers import mime
 from server.providers.base import ATTACHMENT_CHUNK_BYTES, DriverCapabilities
-from server.providers.microsoft.http import ThreadSessions
+from server.providers.http import ThreadSessions
 from server.providers.mime import BuiltMessage
 
 if TYPE_CHECKING:

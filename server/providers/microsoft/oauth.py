@@ -25,7 +25,7 @@ from server.config import MicrosoftConfig
 from server.domain.models import Account, Capability, Provider
 from server.domain.oauth import Grant
 from server.errors import FailedPrecondition, InvalidArgument, ProviderUnavailable, Unauthenticated
-from server.providers.microsoft.http import ThreadSessions
+from server.providers.http import ThreadSessions
 
 log = logging.getLogger("mailbroker.microsoft")
 

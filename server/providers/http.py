@@ -1,5 +1,5 @@
-"""requests sessions for the Microsoft identity platform and Graph: one per thread, the configured CA only, nothing
-from the environment, a default timeout, all closed together."""
+"""requests sessions for the OAuth providers (Google, the Microsoft identity platform, Graph): one per thread, the
+configured CA only, nothing from the environment, a default timeout, all closed together."""
 
 from __future__ import annotations
 
