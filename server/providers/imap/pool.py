@@ -163,7 +163,7 @@ class ImapPool:
             candidate = self._idle.pop()
             if await self._healthy(candidate):
                 return candidate
-            await self._discard(candidate)
+            _shutdown(candidate.client)  # it failed its health check: nothing polite to say to it
         return await self._open()
 
     async def run(self, fn: Callable[[ImapSession], T], *, retry_lost: bool = True) -> T:
@@ -212,7 +212,11 @@ class ImapPool:
     async def _release(self, session: ImapSession, *, broken: bool) -> None:
         session.last_used = time.monotonic()
         try:
-            if broken or self._closed:
+            if broken:
+                # A connection that failed or timed out mid-command is cut, not logged out: a server that stopped
+                # answering would hold a polite LOGOUT (and this caller) for the whole command timeout.
+                _shutdown(session.client)
+            elif self._closed:
                 await self._discard(session)
             else:
                 self._idle.append(session)
