@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, select, text
 from sqlalchemy.engine import Connection
 
 from server.domain.models import AuditEvent
 from server.store.schema import audit_events
 
 GENESIS_DIGEST = "0" * 64
+# PostgreSQL advisory lock key serialising audit appends across replicas ("mbaudit" as a 64-bit integer).
+AUDIT_APPEND_LOCK = int.from_bytes(b"mbaudit\0", "big") >> 1
 
 
 def append_event(
@@ -44,8 +46,12 @@ def append_event(
 ) -> AuditEvent:
     """Chain a new event onto the newest one, inside the caller's transaction, and return it.
 
-    The caller serialises appends; the sequence primary key still stops two writers from forking the chain.
+    Appends are serialised: SQLite's write lock does it within one file; on PostgreSQL, where several replicas
+    append at once under READ COMMITTED, a transaction-scoped advisory lock does (the sequence primary key would
+    otherwise turn the race into a failed insert, never into a fork).
     """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_APPEND_LOCK})
     newest = connection.execute(
         select(audit_events.c.sequence, audit_events.c.digest).order_by(audit_events.c.sequence.desc()).limit(1)
     ).one_or_none()
@@ -113,12 +119,14 @@ class ChainBreak:
 def verify_chain(connection: Connection) -> tuple[ChainHead, ChainBreak | None]:
     """Walk the whole chain in order; return its head and the first broken link (None if every link holds)."""
     expected_sequence, expected_previous = 1, GENESIS_DIGEST
-    rows = connection.execution_options(yield_per=1000).execute(select(audit_events).order_by(audit_events.c.sequence))
-    for row in rows:
-        broken = _check_row(row, expected_sequence, expected_previous)
-        if broken is not None:
-            return ChainHead(expected_sequence - 1, expected_previous), ChainBreak(row.sequence, row.event_id, broken)
-        expected_sequence, expected_previous = row.sequence + 1, row.digest
+    query = select(audit_events).order_by(audit_events.c.sequence)
+    with connection.execution_options(yield_per=1000).execute(query) as rows:  # closes a server-side cursor early
+        for row in rows:
+            broken = _check_row(row, expected_sequence, expected_previous)
+            if broken is not None:
+                head = ChainHead(expected_sequence - 1, expected_previous)
+                return head, ChainBreak(row.sequence, row.event_id, broken)
+            expected_sequence, expected_previous = row.sequence + 1, row.digest
     return ChainHead(expected_sequence - 1, expected_previous), None
 
 

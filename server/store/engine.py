@@ -1,4 +1,4 @@
-"""Engines for the store: SQLite hardened on every connection, or any other SQLAlchemy URL as given.
+"""Engines for the store: SQLite hardened on every connection, or PostgreSQL through psycopg 3.
 
 This is the one module that speaks SQLite-only SQL. Two SQLite choices matter for security and correctness:
 
@@ -33,11 +33,33 @@ _SQLITE_PRAGMAS = (
 )
 
 
+# Tables that hold rows about an account (all but the audit log), vacuumed after an erasure on PostgreSQL.
+_ACCOUNT_TABLES = (
+    "accounts",
+    "data_keys",
+    "account_secrets",
+    "consents",
+    "feed_cursors",
+    "idempotency_records",
+    "oauth_states",
+)
+
+
 def create_engine(url: str) -> Engine:
-    """Return an engine for ``url``; for a SQLite file, make its directory (0700) and file (0600) first."""
+    """Return an engine for ``url``; for a SQLite file, make its directory (0700) and file (0600) first.
+
+    ``postgresql://`` means psycopg 3 (the one PostgreSQL driver the broker ships with). Raises ValueError for any
+    other backend: the migrations and the locking in :mod:`server.store` are written for these two.
+    """
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return sqlalchemy.create_engine(parsed)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        # pre_ping: a replica outlives database restarts and failovers without handing a dead connection to a call.
+        return sqlalchemy.create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    if backend != "sqlite":
+        raise ValueError(f"store.url: unsupported database {backend!r} (use sqlite:/// or postgresql://)")
     path = _sqlite_file(parsed)
     if path is not None:
         _prepare_sqlite_file(path)
@@ -52,8 +74,19 @@ def checkpoint_and_vacuum(engine: Engine) -> bool:
 
     With ``secure_delete`` on, deleted rows are already zeroed in the pages that replace them, so after this no
     deleted bytes remain in the database, its WAL or its shared-memory index. A full VACUUM is not run: it would
-    copy the whole database through a temporary file and adds nothing to erasure. Other backends: no-op, True.
+    copy the whole database through a temporary file and adds nothing to erasure.
+
+    PostgreSQL cannot be made to forget bytes: a deleted row lives on as a dead tuple until VACUUM, VACUUM frees
+    its space without zeroing it, and the write-ahead log and backups hold it too. There erasure rests on
+    crypto-shredding (see the README): every leftover is ciphertext under the account's data key, which is itself
+    wrapped by a KEK version that the operator retires. This runs a plain VACUUM of the account tables so dead
+    tuples stop being readable through SQL as soon as possible, and returns True.
     """
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as autocommit:
+            for table in _ACCOUNT_TABLES:
+                autocommit.exec_driver_sql(f"VACUUM {table}")
+        return True
     if engine.dialect.name != "sqlite":
         return True
     # The raw DBAPI connection, because a checkpoint cannot run inside the transaction SQLAlchemy would begin.

@@ -6,16 +6,22 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from server.store.engine import WRITE_INTENT
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# PostgreSQL advisory lock key serialising migrations across replicas ("mbmigrat" as a 64-bit integer).
+MIGRATION_LOCK = int.from_bytes(b"mbmigrat", "big") >> 1
 
 
 def upgrade(engine: Engine) -> None:
     """Migrate the database behind ``engine`` to the newest revision, in one transaction; a no-op when current."""
     with engine.execution_options(**{WRITE_INTENT: True}).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together: the first migrates, the others wait here and then find it current.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         command.upgrade(alembic_config(connection), "head")
 
 

@@ -350,6 +350,14 @@ class Store:
     def claim_request(self, account_id: str, request_digest: str, fingerprint: str) -> dict[str, Any] | None:
         """Record a request as in flight, or return the record already there: ``{"fingerprint", "state",
         "result"}`` with state ``pending`` or ``done``. None means the caller now owns the request."""
+        try:
+            return self._claim_request(account_id, request_digest, fingerprint)
+        except IntegrityError:
+            # PostgreSQL, several replicas: another one inserted the same request between our read and our insert
+            # (SQLite's BEGIN IMMEDIATE rules that out). Its record is there now.
+            return self._claim_request(account_id, request_digest, fingerprint)
+
+    def _claim_request(self, account_id: str, request_digest: str, fingerprint: str) -> dict[str, Any] | None:
         aad = secret_aad("idempotency_records", "result", account_id, SCHEMA_VERSION)
         with self._writer.begin() as connection:
             dek = self._data_key(connection, account_id)

@@ -23,10 +23,11 @@ import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, delete, event, func, inspect, select, update
+from sqlalchemy.engine import make_url
 
 from server.crypto.aead import DecryptionError
 from server.crypto.datakeys import unwrap_data_key
-from server.crypto.keyring import Keyring
+from server.crypto.keyring import Keyring, KeyringError
 from server.domain.models import (
     Account,
     AccountProfile,
@@ -43,6 +44,7 @@ from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.ids import new_account_id, new_event_id
 from server.store.migrate import upgrade
 from server.store.repository import Store
+from server.store.rotation import rewrap_data_keys
 from server.store.schema import (
     account_secrets,
     accounts,
@@ -54,6 +56,7 @@ from server.store.schema import (
     metadata,
     oauth_states,
 )
+from tests.postgres import PostgresServer
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 ACCOUNT_TABLES = (accounts, data_keys, account_secrets, consents, feed_cursors, idempotency_records, oauth_states)
@@ -108,17 +111,66 @@ class Clock:
         return self.now
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every store test runs on SQLite and on PostgreSQL, but those about the SQLite file itself (``db_path``)."""
+    if "backend" in metafunc.fixturenames:
+        sqlite_only = "db_path" in metafunc.fixturenames
+        metafunc.parametrize("backend", ["sqlite"] if sqlite_only else ["sqlite", "postgresql"])
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "broker.sqlite3"
 
 
 @pytest.fixture
-def engine(db_path: Path) -> Iterator[Engine]:
-    engine = create_engine(f"sqlite:///{db_path}")
+def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'broker.sqlite3'}"
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    return postgres.new_database()
+
+
+@pytest.fixture
+def engine(store_url: str) -> Iterator[Engine]:
+    engine = create_engine(store_url)
     upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def unchecked_engine(store_url: str, backend: str) -> Iterator[Engine]:
+    """An engine on the same database that does not enforce foreign keys, as a careless operator's tool would."""
+    engine = sqlalchemy.create_engine(create_engine(store_url).url)
+    if backend == "postgresql":
+        # Superuser only: foreign keys are triggers, and "replica" mode skips them.
+        event.listen(
+            engine,
+            "connect",
+            lambda connection, _record: connection.execute("SET session_replication_role = replica"),
+        )
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def on_disk(backend: str, store_url: str, engine: Engine, request: pytest.FixtureRequest) -> Callable[[], bytes]:
+    """A function returning every byte the database has on disk: SQLite's file, WAL and shared-memory index; or,
+    after a CHECKPOINT, PostgreSQL's files of this database and its write-ahead log."""
+    if backend == "sqlite":
+        path = Path(make_url(store_url).database or "")
+        return lambda: disk_bytes(path)
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+
+    def read() -> bytes:
+        postgres.checkpoint()
+        with engine.connect() as connection:
+            oid = connection.exec_driver_sql("SELECT oid FROM pg_database WHERE datname = current_database()").scalar()
+        files = [*(postgres.data_dir / "base" / str(oid)).iterdir(), *(postgres.data_dir / "pg_wal").glob("0*")]
+        return b"".join(path.read_bytes() for path in files if path.is_file())
+
+    return read
 
 
 @pytest.fixture
@@ -303,14 +355,10 @@ def test_creating_an_existing_account_id_is_already_exists(store: Store) -> None
     assert store.get_account("tenant-b", account.id) is None
 
 
-def test_a_failed_create_leaves_no_half_written_rows(store: Store, engine: Engine, db_path: Path) -> None:
+def test_a_failed_create_leaves_no_half_written_rows(store: Store, engine: Engine, unchecked_engine: Engine) -> None:
     account_id = new_account_id()
     # An orphan secrets row (possible only with foreign keys off) makes the LAST insert of create_account fail.
-    raw = sqlalchemy.create_engine(f"sqlite:///{db_path}")
-    try:
-        sql(raw, account_secrets.insert().values(account_id=account_id, update_time=T0))
-    finally:
-        raw.dispose()
+    sql(unchecked_engine, account_secrets.insert().values(account_id=account_id, update_time=T0))
 
     with pytest.raises(AlreadyExists):
         store.create_account(make_account(account_id=account_id), {"imap_password": b"pw"})
@@ -631,22 +679,17 @@ def add_rows_about(engine: Engine, account_id: str) -> None:
 
 @pytest.mark.parametrize("foreign_keys", ["on", "off"])
 def test_delete_account_removes_every_row_about_it(
-    engine: Engine, keyring: Keyring, db_path: Path, foreign_keys: str
+    engine: Engine, unchecked_engine: Engine, keyring: Keyring, foreign_keys: str
 ) -> None:
     gone, kept = make_account(), make_account()
     setup = Store(engine, keyring)
     for account in (gone, kept):
         setup.create_account(account, {"imap_password": b"pw"})
         add_rows_about(engine, account.id)
-    # With foreign keys off (a plain engine), only the store's explicit deletes can clear the child rows.
-    deleting = engine if foreign_keys == "on" else sqlalchemy.create_engine(f"sqlite:///{db_path}")
-    try:
-        store = Store(deleting, keyring)
-        assert store.delete_account(gone.id)
-        assert not store.delete_account(gone.id)
-    finally:
-        if deleting is not engine:
-            deleting.dispose()
+    # With foreign keys off, only the store's explicit deletes can clear the child rows.
+    store = Store(engine if foreign_keys == "on" else unchecked_engine, keyring)
+    assert store.delete_account(gone.id)
+    assert not store.delete_account(gone.id)
 
     assert {table.name: count_rows(engine, table, gone.id) for table in ACCOUNT_TABLES[1:]} == dict.fromkeys(
         (table.name for table in ACCOUNT_TABLES[1:]), 0
@@ -798,7 +841,7 @@ def test_audit_events_survive_account_deletion(store: Store) -> None:
     assert store.verify_audit_chain() is None
 
 
-def test_idempotency_claims_replays_and_releases(store: Store, db_path: Path) -> None:
+def test_idempotency_claims_replays_and_releases(store: Store, on_disk: Callable[[], bytes]) -> None:
     account = make_account()
     store.create_account(account, {})
     message_id = canary("msgid")
@@ -811,10 +854,66 @@ def test_idempotency_claims_replays_and_releases(store: Store, db_path: Path) ->
     assert replay["fingerprint"] == "f1"
     assert replay["result"] == {"internet_message_id": message_id}
     # The stored result is sealed: its bytes are not on disk in the clear.
-    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    raw = on_disk()
     assert message_id.encode() not in raw, "idempotency result stored in the clear"
     store.release_request(account.id, "d1")
     assert store.claim_request(account.id, "d1", "f2") is None
     # Erasure takes the records with the account.
     store.delete_account(account.id)
     assert count_rows(store._engine, idempotency_records, account.id) == 0
+
+
+# --- PostgreSQL: erasure by crypto-shredding ----------------------------------------------------------------------
+
+
+def test_erasure_on_postgresql_leaves_only_ciphertext_that_no_remaining_key_opens(postgres: PostgresServer) -> None:
+    """PostgreSQL keeps deleted rows as dead tuples, in freed page space and in its write-ahead log. What it keeps
+    of an erased account is sealed, and once the KEK version that wrapped the account's data key is retired (the
+    README's procedure: rotate, rewrap, retire), no key the broker holds opens any of it."""
+    engine = create_engine(postgres.new_database())
+    try:
+        upgrade(engine)
+        v1 = new_keyring(1)
+        store = Store(engine, v1)
+        password, refresh_token = canary("pw"), canary("rt")
+        email, imap_host = canary("email") + "@example.test", canary("imap") + ".example.test"
+        profile = AccountProfile(
+            email_address=email,
+            username=canary("user"),
+            imap_server=MailServer(imap_host, 993, TransportSecurity.IMPLICIT_TLS),
+            smtp_server=None,
+        )
+        account, bystander = make_account(profile=profile), make_account()
+        store.create_account(account, {"imap_password": password.encode(), "refresh_token": refresh_token.encode()})
+        store.create_account(bystander, {"imap_password": b"bystander"})
+        wrapped = raw_value(engine, data_keys.c.wrapped, account.id)
+        sealed_password = raw_value(engine, account_secrets.c.imap_password, account.id)
+
+        assert store.delete_account(account.id)
+        assert checkpoint_and_vacuum(engine)
+        postgres.checkpoint()
+        with engine.connect() as connection:
+            oid = connection.exec_driver_sql("SELECT oid FROM pg_database WHERE datname = current_database()").scalar()
+        files = [*(postgres.data_dir / "base" / str(oid)).iterdir(), *(postgres.data_dir / "pg_wal").glob("0*")]
+        disk = b"".join(path.read_bytes() for path in files if path.is_file())
+
+        plaintext = [*encodings(password), *encodings(refresh_token), email.encode(), imap_host.encode()]
+        assert [i for i, value in enumerate(plaintext) if value in disk] == [], "plaintext (by index) on disk"
+        # The wrapped data key survives somewhere (the WAL at least): this is why the KEK has to be retired.
+        assert wrapped in disk, "the scan does not see the write-ahead log"
+        # Until then, the v1 KEK still opens it: erasure on PostgreSQL is complete only after retirement.
+        dek = unwrap_data_key(v1, account.id, 1, wrapped)
+        assert len(dek) == 32
+
+        # Rotate: v2 becomes current, every live data key is rewrapped, then v1 is retired (deleted from the file).
+        v1_v2 = Keyring(current_version=2, keys={1: v1.kek(1), 2: secrets.token_bytes(32)})
+        assert rewrap_data_keys(engine, v1_v2) == 1  # the bystander only: the erased account has no row left
+        v2 = Keyring(current_version=2, keys={2: v1_v2.kek(2)})
+        with pytest.raises(KeyringError):
+            unwrap_data_key(v2, account.id, 1, wrapped)
+        with pytest.raises(DecryptionError):
+            unwrap_data_key(v2, account.id, 2, wrapped)
+        assert Store(engine, v2).read_secret(bystander.id, "imap_password") == b"bystander"
+        assert sealed_password != password.encode()
+    finally:
+        engine.dispose()
