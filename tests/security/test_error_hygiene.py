@@ -1,13 +1,13 @@
 """No status message, ErrorInfo, BadRequest, trailing metadata or log line of an error path carries the provider's
 response text, an address, a host, a username or a password: canaries go in through each error path (bad
-password, a host that does not resolve or answer, a mail server whose refusals quote canaries) and are looked for,
-in every encoding, in everything that comes out."""
+password, a host that does not resolve or answer, an IMAP server whose refusals quote canaries, an SMTP server whose
+5xx and 4xx replies quote them) and are looked for, in every encoding, in everything that comes out. The Gmail and
+Graph APIs' and token endpoints' error bodies: tests/security/test_provider_error_canaries.py."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,15 +18,14 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.logging.handlers import BrokerStreamHandler
-from server.logging.setup import _broker_handler, _route_libraries
 from server.providers.imap import network
-from tests.broker import error_reason, rich_status, running_broker, stubs
-from tests.integration.test_imap import imap_config
+from tests.broker import error_reason, running_broker, stubs
+from tests.integration.test_imap import connect_request, imap_config
 from tests.mailserver import Mailbox, MailServers
 from tests.mailserver.fixtures import mail_servers, mailbox  # noqa: F401 - fixtures
 from tests.pki import TestPki, make_test_pki
 from tests.security.canaries import canary, leaks
+from tests.security.hygiene import captured_broker_log, everything, fails, leaking_lines
 
 SYSTEM_RESOLVE = network.resolve
 CANARIES = {name: canary(name) for name in ("password", "host", "provider", "user")}
@@ -41,33 +40,8 @@ def pki(tmp_path: Path) -> TestPki:
 
 @pytest.fixture
 def broker_log() -> Iterator[io.StringIO]:
-    """The broker's log lines at DEBUG, through its own filters, formatter and library routing (as
-    ``mailbroker serve --log-level DEBUG`` has them; tests/security/test_log_canaries.py runs that process)."""
-    buffer = io.StringIO()
-    _route_libraries(logging.DEBUG)
-    handler = _broker_handler(BrokerStreamHandler(buffer))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_broker_log() as buffer:
         yield buffer
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def _everything(error: grpc.aio.AioRpcError) -> str:
-    """The status message, every detail (ErrorInfo with its metadata, BadRequest, RetryInfo) and the trailers."""
-    status = rich_status(error)
-    parts = [error.details() or "", str(status), repr(error.trailing_metadata())]
-    return "\n".join(parts)
-
-
-async def _fails(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
 
 
 class RefusingImapServer:
@@ -165,12 +139,12 @@ async def test_no_canary_leaves_by_any_error_path(
                 account = await accounts.ConnectImapAccount(connect, timeout=20)
             except grpc.aio.AioRpcError as error:
                 seen[name] = (error.code(), error_reason(error))
-                texts.append(_everything(error))
+                texts.append(everything(error))
                 continue
             # The login worked (the BAD server): its refusals come with the first read.
-            error = await _fails(mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=20))
+            error = await fails(mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=20))
             seen[name] = (error.code(), error_reason(error))
-            texts.append(_everything(error))
+            texts.append(everything(error))
     assert seen == {
         "bad password": (grpc.StatusCode.UNAUTHENTICATED, "PROVIDER_AUTH_FAILED"),
         "no such host": (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNREACHABLE"),
@@ -179,9 +153,55 @@ async def test_no_canary_leaves_by_any_error_path(
         "provider NO": (grpc.StatusCode.UNAUTHENTICATED, "PROVIDER_AUTH_FAILED"),
         "provider BAD": (grpc.StatusCode.UNAVAILABLE, "PROVIDER_ERROR"),
     }
-    for text in texts:
-        assert leaks(text, ALL) == []
+    assert [leaks(text, ALL) for text in texts] == [[]] * len(texts)
     log = broker_log.getvalue()
     assert "ConnectImapAccount" in log or "imap" in log  # the log was captured
-    lines = [line for line in log.splitlines() if leaks(line, ALL)]
-    assert lines == [], "\n".join(line[:300] for line in lines[:5])
+    assert leaking_lines(log, ALL) == []
+
+
+async def test_no_canary_leaves_by_an_smtp_refusal(
+    tmp_path: Path,
+    pki: TestPki,
+    mail_servers: MailServers,  # noqa: F811 - the fixture
+    mailbox: Mailbox,  # noqa: F811 - the fixture
+    broker_log: io.StringIO,
+) -> None:
+    """The submission server refuses the sender, the recipient or the message, for good (5xx) or for now (4xx),
+    in replies that quote canaries (as real servers quote the address, their host name and a queue id)."""
+    text = f"{CANARIES['provider']} <{CANARY_ADDRESS}> {CANARIES['host']}.example.test {CANARIES['password']}"
+    rejections = {
+        "sender refused": ("MAIL", 553, f"5.7.1 {text}"),
+        "recipient refused": ("RCPT", 550, f"5.1.1 {text}"),
+        "message refused": ("DATA", 554, f"5.7.0 {text}"),
+        "message deferred": ("DATA", 451, f"4.3.0 {text}"),
+        "service closing": ("DATA", 421, f"4.7.0 {text}"),
+    }
+    config = imap_config(tmp_path, pki, mail_servers)
+    seen: dict[str, tuple[grpc.StatusCode, str]] = {}
+    texts: list[str] = []
+    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
+        accounts, mail = stubs(channel)
+        account = await accounts.ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=20)
+        for name, (stage, code, reply) in rejections.items():
+            mail_servers.smtp.reject_next(code, reply, stage=stage, user=mailbox.address)  # type: ignore[arg-type]
+            send = mpb.SendMessageRequest(
+                account=account.name,
+                message=mpb.OutgoingMessage(
+                    to_recipients=[rpb.EmailAddress(address=CANARY_ADDRESS)], subject="hygiene", text_body="hygiene"
+                ),
+            )
+            error = await fails(mail.SendMessage(send, timeout=20))
+            seen[name] = (error.code(), error_reason(error))
+            texts.append(everything(error))
+    assert seen == {
+        "sender refused": (grpc.StatusCode.FAILED_PRECONDITION, "SENDER_REFUSED"),
+        "recipient refused": (grpc.StatusCode.FAILED_PRECONDITION, "RECIPIENTS_REFUSED"),
+        "message refused": (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED"),
+        "message deferred": (grpc.StatusCode.UNAVAILABLE, "PROVIDER_DEFERRED"),
+        # smtplib closes the connection on a 421 and raises the reply: nothing was sent, try later.
+        "service closing": (grpc.StatusCode.UNAVAILABLE, "PROVIDER_DEFERRED"),
+    }
+    assert [leaks(text, ALL) for text in texts] == [[]] * len(texts)
+    log = broker_log.getvalue()
+    assert "SendMessage" in log  # the log was captured
+    assert leaking_lines(log, ALL) == []

@@ -174,6 +174,8 @@ class MicrosoftOAuth:
                     raise ProviderUnavailable(
                         "the identity platform cannot be reached", reason="PROVIDER_UNREACHABLE"
                     ) from exc
+                except msal.exceptions.MsalServiceError as exc:  # the OpenID configuration endpoint answered 5xx
+                    raise _server_error() from exc
                 except ValueError as exc:  # msal: the OpenID configuration could not be read
                     raise ProviderUnavailable(
                         "the identity platform's configuration could not be read", reason="PROVIDER_ERROR"
@@ -202,6 +204,10 @@ class MicrosoftOAuth:
             result = app.acquire_token_by_auth_code_flow(dict(flow), {"code": code, "state": flow.get("state")})
         except requests.RequestException as exc:
             raise ProviderUnavailable("the identity platform cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
+        except msal.exceptions.MsalServiceError as exc:
+            raise _server_error() from exc
+        except json.JSONDecodeError:
+            raise _not_json() from None
         except ValueError:
             # msal validates the id_token (audience, issuer, nonce, expiry) and the flow; the values stay out.
             raise ProviderUnavailable(
@@ -250,6 +256,10 @@ class MicrosoftOAuth:
             result = app.acquire_token_by_refresh_token(token, scopes)
         except requests.RequestException as exc:
             raise ProviderUnavailable("the identity platform cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
+        except msal.exceptions.MsalServiceError as exc:
+            raise _server_error() from exc
+        except json.JSONDecodeError:
+            raise _not_json() from None
         except ValueError:
             raise ProviderUnavailable("the provider's token response did not verify", reason="PROVIDER_ERROR") from None
         error = result.get("error")
@@ -291,6 +301,19 @@ def microsoft_revoker(tokens: Any) -> Any:
         return RevokeResult("NOT_SUPPORTED_BY_PROVIDER", "PROVIDER_HAS_NO_APP_REVOCATION", APP_REMOVAL_HINT)
 
     return revoke
+
+
+def _server_error() -> ProviderUnavailable:
+    """The token endpoint answered 5xx: msal raises MsalServiceError("HTTP Error: <status>") rather than return the
+    body, and answers the same request (same code or refresh token) from its throttle cache for the Retry-After time
+    (5 s without one) without asking again."""
+    return ProviderUnavailable("the identity platform is unavailable", reason="PROVIDER_UNAVAILABLE")
+
+
+def _not_json() -> ProviderUnavailable:
+    # msal logs the body (server.providers.library_logs withholds it) and raises json's error, whose message is
+    # about the body's text: neither is kept.
+    return ProviderUnavailable("the provider's token response was not JSON", reason="PROVIDER_ERROR")
 
 
 def _token_error(code: str) -> Exception:

@@ -33,6 +33,7 @@ class ApiError(Exception):
         location_type: str | None = None,
         error_info: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        html: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -43,6 +44,8 @@ class ApiError(Exception):
         self.location_type = location_type
         self.error_info = error_info
         self.headers = dict(headers or {})
+        # Sent instead of the JSON error when set: the HTML page Google's front ends answer some failures with.
+        self.html = html
 
     def body(self) -> dict[str, Any]:
         item: dict[str, Any] = {"message": self.message, "domain": self.domain, "reason": self.reason}

@@ -40,6 +40,7 @@ def dispatch(state: GoogleState, request: Request) -> Response:
             state.counters[method.id] += 1
             token = _authenticate(state, request)
             _apply_throttle(state, token)
+            _apply_fault(state, token, method.id)
             _check_scopes(method, token)
             user = _resolve_user(state, token, path_params["userId"])
             params = _query_params(method, request)
@@ -53,6 +54,8 @@ def dispatch(state: GoogleState, request: Request) -> Response:
     except ApiError as exc:
         with state.lock:
             state.counters[f"gmail.error.{exc.code}"] += 1
+        if exc.html is not None:
+            return Response(exc.code, exc.html.encode(), {"Content-Type": "text/html; charset=UTF-8", **exc.headers})
         return Response.json(exc.code, exc.body(), exc.headers)
 
 
@@ -110,6 +113,25 @@ def _apply_throttle(state: GoogleState, token: AccessToken) -> None:
                 state.throttles.remove(throttle)
             state.counters["gmail.throttled"] += 1
             raise errors.fault(throttle.status, throttle.reason, throttle.retry_after)
+
+
+def _apply_fault(state: GoogleState, token: AccessToken, method_id: str) -> None:
+    for fault in state.api_faults:
+        if (fault.user is None or fault.user == token.grant.user) and (not fault.methods or method_id in fault.methods):
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                state.api_faults.remove(fault)
+            state.counters["gmail.fault"] += 1
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+            raise ApiError(
+                fault.status,
+                fault.message,
+                reason=fault.reason,
+                domain=fault.domain,
+                error_info=fault.error_info,
+                headers=headers,
+                html=fault.html,
+            )
 
 
 def _check_scopes(method: Method, token: AccessToken) -> None:

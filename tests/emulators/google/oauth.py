@@ -208,6 +208,8 @@ def _take_token_fault(state: GoogleState) -> Response | None:
     headers = dict(_NO_STORE)
     if fault.retry_after is not None:
         headers["Retry-After"] = str(fault.retry_after)
+    if fault.html is not None:
+        return Response(fault.status, fault.html.encode(), {"Content-Type": "text/html; charset=UTF-8", **headers})
     return Response.json(fault.status, fault.body, headers)
 
 

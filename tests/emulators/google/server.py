@@ -28,8 +28,10 @@ import httplib2
 
 from server.pki import issue_cert, new_ca
 from tests.emulators.google import batch, gmail, oauth
+from tests.emulators.google.discovery import gmail_methods
 from tests.emulators.google.mailbox import Mailbox
 from tests.emulators.google.state import (
+    ApiFault,
     Client,
     Consent,
     GoogleState,
@@ -464,6 +466,45 @@ class GoogleEmulator:
         with self.state.lock:
             self.state.throttles.append(Throttle(count, status, reason, retry_after, user))
 
+    def fail_next_requests(
+        self,
+        count: int = 1,
+        *,
+        status: int,
+        message: str,
+        reason: str = "backendError",
+        domain: str = "global",
+        error_info: dict[str, Any] | None = None,
+        retry_after: int | None = None,
+        methods: Iterable[str] = (),
+        user: str | None = None,
+        html: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` Gmail requests (of ``user``, to ``methods`` — Gmail method ids such as
+        ``gmail.users.messages.get``; none: any) with ``status`` (4xx or 5xx) in Google's JSON error shape:
+        ``message`` as error.message and errors[0].message, ``reason``/``domain`` in errors[0], and ``error_info``
+        (``{"reason", "domain", "metadata": {...}}``) as a google.rpc.ErrorInfo in error.details. The text is the
+        test's own, so canaries can stand where Google quotes an address, a host or a token. ``html``: this HTML
+        page instead (text/html), as Google's front ends answer some failures (a 403 "automated queries" page that
+        quotes the client's address, a 502)."""
+        if not 400 <= status <= 599:
+            raise ValueError("a fault needs a 4xx or 5xx status")
+        wanted = frozenset(methods)
+        unknown = wanted - {method.id for method in gmail_methods()}
+        if unknown:
+            raise ValueError(f"not Gmail method ids: {sorted(unknown)}")
+        with self.state.lock:
+            self.state.api_faults.append(
+                ApiFault(count, status, message, reason, domain, error_info, retry_after, wanted, user, html)
+            )
+
+    def clear_faults(self) -> None:
+        """Forget every fault not yet answered (API, throttle and token-endpoint faults)."""
+        with self.state.lock:
+            self.state.api_faults.clear()
+            self.state.throttles.clear()
+            self.state.token_faults.clear()
+
     def fail_next_token_requests(
         self,
         count: int = 1,
@@ -472,11 +513,13 @@ class GoogleEmulator:
         error: str = "invalid_grant",
         description: str = "Bad Request",
         retry_after: int | None = None,
+        html: str | None = None,
     ) -> None:
-        """Answer the next ``count`` token-endpoint requests with ``{"error", "error_description"}`` and status."""
+        """Answer the next ``count`` token-endpoint requests with ``{"error", "error_description"}`` and status
+        (or, with ``html``, that HTML page)."""
         with self.state.lock:
             self.state.token_faults.append(
-                TokenFault(count, status, {"error": error, "error_description": description}, retry_after)
+                TokenFault(count, status, {"error": error, "error_description": description}, retry_after, html)
             )
 
     # ---- what happened ------------------------------------------------------------------------------------------
@@ -484,8 +527,7 @@ class GoogleEmulator:
     def counters(self) -> dict[str, int]:
         """Counts by name: authorize, authorize.granted/denied, token.<grant_type>, token.error.<error>,
         token.fault, revoke, revoke.ok, revoke.invalid_token, <Gmail method id> (gmail.users.messages.get, ...),
-        gmail.error.<status>,
-        gmail.throttled, gmail.sent."""
+        gmail.error.<status>, gmail.throttled, gmail.fault (an injected error), gmail.sent."""
         with self.state.lock:
             return dict(self.state.counters)
 

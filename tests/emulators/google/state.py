@@ -112,11 +112,28 @@ class Throttle:
 
 
 @dataclass
+class ApiFault:
+    """An error a test asked the Gmail API to answer with: any 4xx/5xx, Google's JSON error shape, the test's text."""
+
+    remaining: int
+    status: int
+    message: str
+    reason: str
+    domain: str
+    error_info: dict[str, Any] | None
+    retry_after: int | None
+    methods: frozenset[str]  # Gmail method ids; empty: every method
+    user: str | None
+    html: str | None = None  # an HTML page instead of the JSON error
+
+
+@dataclass
 class TokenFault:
     remaining: int
     status: int
     body: dict[str, Any]
     retry_after: int | None
+    html: str | None = None  # an HTML page instead of the JSON error
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,7 @@ class GoogleState:
         self.refresh_tokens: dict[str, RefreshToken] = {}
         self.consents: dict[str, Consent] = {}
         self.throttles: list[Throttle] = []
+        self.api_faults: list[ApiFault] = []
         self.token_faults: list[TokenFault] = []
         self.counters: Counter[str] = Counter()
         self.requests: list[SeenRequest] = []

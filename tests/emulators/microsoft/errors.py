@@ -4,7 +4,8 @@ AADSTS code.
 Graph (``graph/errors`` in the Graph docs)::
 
     {"error": {"code": "ErrorItemNotFound", "message": "...",
-               "innerError": {"date", "request-id", "client-request-id"}}}
+               "innerError": {"date", "request-id", "client-request-id"},
+               "details"?: [{"code", "message", "target"}]}}
 
 Identity platform (``reference-error-codes`` / the v2.0 auth code flow's error response)::
 
@@ -26,25 +27,36 @@ def _now_text() -> str:
 class GraphError(Exception):
     """A Microsoft Graph error response."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: tuple[dict[str, str], ...] = (),
+        html: str | None = None,
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.details = details  # the optional ``details`` list: {"code", "message", "target"} each
+        self.html = html  # sent instead of the JSON error when set (a gateway's page)
 
     def body(self, request_id: str, client_request_id: str) -> dict[str, Any]:
-        return {
-            "error": {
-                "code": self.code,
-                "message": self.message,
-                "innerError": {
-                    "date": _now_text(),
-                    "request-id": request_id,
-                    "client-request-id": client_request_id,
-                },
-            }
+        error: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "innerError": {
+                "date": _now_text(),
+                "request-id": request_id,
+                "client-request-id": client_request_id,
+            },
         }
+        if self.details:
+            error["details"] = [dict(detail) for detail in self.details]
+        return {"error": error}
 
 
 def bad_request(message: str, code: str = "BadRequest") -> GraphError:
@@ -100,7 +112,14 @@ class OAuthError(Exception):
     """An identity platform (STS) error: RFC 6749 section 5.2 plus Microsoft's AADSTS fields."""
 
     def __init__(
-        self, error: str, aadsts: int, description: str, status: int = 400, suberror: str | None = None
+        self,
+        error: str,
+        aadsts: int,
+        description: str,
+        status: int = 400,
+        suberror: str | None = None,
+        retry_after: int | None = None,
+        html: str | None = None,
     ) -> None:
         super().__init__(f"{error}: AADSTS{aadsts}: {description}")
         self.error = error
@@ -108,6 +127,8 @@ class OAuthError(Exception):
         self.description = description
         self.status = status
         self.suberror = suberror
+        self.retry_after = retry_after  # a Retry-After header (the STS sends one with 429 and 503)
+        self.html = html  # sent instead of the JSON error when set (a gateway's page)
 
     def body(self, correlation_id: str | None = None) -> dict[str, Any]:
         trace_id = str(uuid.uuid4())

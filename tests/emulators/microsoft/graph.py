@@ -153,6 +153,25 @@ def _segments(path: str) -> list[str]:
     return out
 
 
+# The names _route gives the endpoints it serves (counted as graph.<name>; a test can fault one by name).
+ENDPOINTS = frozenset(
+    {
+        "user.get",
+        "user.sendMail",
+        "mailFolder.list",
+        "mailFolder.get",
+        "mailFolder.childFolders",
+        "message.list",
+        "message.delta",
+        "message.get",
+        "message.mime",
+        "attachment.list",
+        "attachment.get",
+        "attachment.value",
+    }
+)
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +186,7 @@ def dispatch(state: MicrosoftState, request: Request, base_url: str) -> Response
             call = _authenticate(state, request, base_url)
             name, handler = _route(call)
             state.counters[f"graph.{name}"] += 1
-            _take_throttle(state, call.user.email)
+            _take_throttle(state, call.user.email, name)
         key = (call.token.grant.client_id, call.user.email)
         with state.flight:
             if state.in_flight[key] >= state.policy.mailbox_concurrency:
@@ -187,7 +206,12 @@ def dispatch(state: MicrosoftState, request: Request, base_url: str) -> Response
             state.counters[f"graph.error.{exc.code}"] += 1
             if exc.status in (429, 503, 504):
                 state.counters["graph.throttled"] += 1
-        response = _json(exc.status, exc.body(request_id, client_request_id), headers=exc.headers)
+        if exc.html is not None:
+            response = Response(
+                exc.status, exc.html.encode(), {"Content-Type": "text/html; charset=utf-8", **exc.headers}
+            )
+        else:
+            response = _json(exc.status, exc.body(request_id, client_request_id), headers=exc.headers)
     finally:
         if key is not None:
             with state.flight:
@@ -211,15 +235,17 @@ def _authenticate(state: MicrosoftState, request: Request, base_url: str) -> Cal
     return Call(state, request, base_url, record, state.users[record.grant.user], _prefer(request), [])
 
 
-def _take_throttle(state: MicrosoftState, user: str) -> None:
+def _take_throttle(state: MicrosoftState, user: str, endpoint: str) -> None:
     for index, throttle in enumerate(state.throttles):
         if throttle.user is not None and throttle.user != user:
+            continue
+        if throttle.endpoints and endpoint not in throttle.endpoints:
             continue
         throttle.remaining -= 1
         if throttle.remaining <= 0:
             state.throttles.pop(index)
         headers = {"Retry-After": str(throttle.retry_after)} if throttle.retry_after is not None else {}
-        raise GraphError(throttle.status, throttle.code, throttle.message, headers)
+        raise GraphError(throttle.status, throttle.code, throttle.message, headers, throttle.details, throttle.html)
 
 
 def _route(call: Call) -> tuple[str, Callable[[], Response]]:

@@ -433,14 +433,27 @@ def token(state: MicrosoftState, request: Request, segment: str) -> Response:
             fault = _take_token_fault(state)
             if fault is not None:
                 state.counters["token.fault"] += 1
-                raise OAuthError(fault.error, fault.aadsts, fault.description, fault.status, fault.suberror)
+                raise OAuthError(
+                    fault.error,
+                    fault.aadsts,
+                    fault.description,
+                    fault.status,
+                    fault.suberror,
+                    fault.retry_after,
+                    fault.html,
+                )
             body = _token_response(state, request, segment)
         return Response.json(200, body, _NO_STORE)
     except OAuthError as exc:
         with state.lock:
             state.counters["token.error"] += 1
             state.counters[f"token.error.{exc.error}"] += 1
-        return Response.json(exc.status, exc.body(correlation), _NO_STORE)
+        headers = dict(_NO_STORE)
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.html is not None:
+            return Response(exc.status, exc.html.encode(), {"Content-Type": "text/html; charset=utf-8", **headers})
+        return Response.json(exc.status, exc.body(correlation), headers)
 
 
 def _take_token_fault(state: MicrosoftState) -> TokenFault | None:

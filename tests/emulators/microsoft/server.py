@@ -544,6 +544,40 @@ class MicrosoftEmulator:
                 Throttle(count, status, code, errors.FAULTS[(status, code)], retry_after, user and user.lower())
             )
 
+    def fail_next_requests(
+        self,
+        count: int = 1,
+        *,
+        status: int,
+        code: str,
+        message: str,
+        details: Iterable[dict[str, str]] = (),
+        retry_after: int | None = None,
+        endpoints: Iterable[str] = (),
+        user: str | None = None,
+        html: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` Graph requests (of ``user``, to ``endpoints`` — the names of the graph.<name>
+        counters, such as ``message.get`` or ``user.sendMail``; none: any) with ``status`` (4xx or 5xx) in Graph's
+        JSON error shape: ``code`` and ``message`` in error, ``details`` (``{"code", "message", "target"}`` each) as
+        error.details. The text is the test's own, so canaries can stand where Graph quotes an address or a host.
+        ``html``: this HTML page instead (text/html), as a gateway in front of Graph answers a 502 or 504."""
+        if not 400 <= status <= 599:
+            raise ValueError("a fault needs a 4xx or 5xx status")
+        wanted = frozenset(endpoints)
+        if wanted - graph.ENDPOINTS:
+            raise ValueError(f"not Graph endpoint names: {sorted(wanted - graph.ENDPOINTS)}")
+        with self.state.lock:
+            self.state.throttles.append(
+                Throttle(count, status, code, message, retry_after, user and user.lower(), wanted, tuple(details), html)
+            )
+
+    def clear_faults(self) -> None:
+        """Forget every fault not yet answered (injected errors, throttles and token-endpoint faults)."""
+        with self.state.lock:
+            self.state.throttles.clear()
+            self.state.token_faults.clear()
+
     def fail_next_token_requests(
         self,
         count: int = 1,
@@ -553,9 +587,16 @@ class MicrosoftEmulator:
         aadsts: int = 70000,
         description: str = "The provided grant is not valid.",
         suberror: str | None = None,
+        retry_after: int | None = None,
+        html: str | None = None,
     ) -> None:
+        """Answer the next ``count`` token-endpoint requests with this identity platform error (``description``
+        goes into error_description after the AADSTS code), a Retry-After header when not None; with ``html``,
+        that HTML page instead of the JSON error (as a proxy in front of the STS would answer)."""
         with self.state.lock:
-            self.state.token_faults.append(TokenFault(count, status, error, aadsts, description, suberror))
+            self.state.token_faults.append(
+                TokenFault(count, status, error, aadsts, description, suberror, retry_after, html)
+            )
 
     @contextlib.contextmanager
     def hold_graph_requests(self) -> Iterator[None]:

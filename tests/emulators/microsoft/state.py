@@ -126,12 +126,17 @@ class Consent:
 
 @dataclass
 class Throttle:
+    """A throttling answer, or any error a test injects (``fail_next_requests``)."""
+
     remaining: int
     status: int
     code: str
     message: str
     retry_after: int | None
     user: str | None
+    endpoints: frozenset[str] = frozenset()  # graph.<endpoint> names without the prefix; empty: every endpoint
+    details: tuple[dict[str, str], ...] = ()
+    html: str | None = None  # an HTML page instead of the JSON error
 
 
 @dataclass
@@ -142,6 +147,8 @@ class TokenFault:
     aadsts: int
     description: str
     suberror: str | None
+    retry_after: int | None = None
+    html: str | None = None  # an HTML page instead of the JSON error
 
 
 @dataclass(frozen=True)
