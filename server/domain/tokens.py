@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,10 +23,19 @@ from server.store.repository import Store
 log = logging.getLogger("mailbroker.tokens")
 
 
+# A replica that waited for another's refresh of the same account waits this long for the token to arrive
+# (it comes by NOTIFY as the other's transaction commits) before refreshing itself.
+FLEET_WAIT_SECONDS = 3.0
+# A refresh by another replica this recent may still be on its way; an older one was missed (say, this replica
+# started after it) and waiting would gain nothing.
+FLEET_RECENT_SECONDS = 10.0
+
+
 @dataclass
 class _Cached:
     token: str
     expire_time: datetime
+    generation: int = 0
 
 
 def needs_reauth() -> FailedPrecondition:
@@ -53,12 +63,19 @@ class AccessTokens:
         self._on_reauth_needed = on_reauth_needed
         self._cache: dict[str, _Cached] = {}
         self._inflight: dict[str, asyncio.Future[str]] = {}
+        # The newest refresh generation of each account this process has held a token of (kept when the token is
+        # dropped): a newer generation in the store means another replica refreshed since.
+        self._seen: dict[str, int] = {}
         self.refreshes = 0  # token-endpoint requests made (for tests and metrics)
+        # (provider, outcome) -> refreshes: "ok", "refused" (the grant is gone: NEEDS_REAUTH), "failed" (anything
+        # else). Changed by provider threads under the lock; the metrics endpoint reads a copy when scraped.
+        self.refresh_outcomes: dict[tuple[str, str], int] = {}
+        self._counting = threading.Lock()
 
     async def get(self, account: Account) -> str:
         """A live access token for ``account``; at most one refresh per account is in flight at any time."""
         cached = self._cache.get(account.id)
-        if cached is not None and cached.expire_time - self._margin > datetime.now(UTC):
+        if cached is not None and self._fresh(cached):
             return cached.token
         inflight = self._inflight.get(account.id)
         if inflight is None:
@@ -77,28 +94,84 @@ class AccessTokens:
     def forget(self, account_id: str) -> None:
         """Drop the account's token (erasure, a new consent)."""
         self._cache.pop(account_id, None)
+        self._seen.pop(account_id, None)
+
+    def accept(self, account_id: str, generation: int, token: str, expire_time: datetime) -> None:
+        """Take a token another replica refreshed (newer generations only). Safe from any thread."""
+        if self._seen.get(account_id, 0) < generation:
+            self._seen[account_id] = generation
+            self._cache[account_id] = _Cached(token, expire_time, generation)
 
     async def _refresh(self, account: Account) -> str:
         client = self._clients.get(account.provider)
         if client is None:
             raise FailedPrecondition("this provider is not configured on this broker", reason="PROVIDER_NOT_CONFIGURED")
-        secret = await self._blocking.run(self._store.read_secret, account.id, "refresh_token")
-        if secret is None:
-            raise needs_reauth()
-        self.refreshes += 1
-        try:
-            grant: Grant = await self._providers.run(client.refresh, secret.decode("utf-8"))
-        except Unauthenticated:
-            await self._mark_needs_reauth(account)
-            raise needs_reauth() from None
-        if grant.refresh_token:
-            # Rotated: the new token is stored before the new access token is used, so a crash now cannot leave
-            # the broker holding only a refresh token the provider has already retired.
-            await self._blocking.run(
-                self._store.write_secret, account.id, "refresh_token", grant.refresh_token.encode("utf-8")
-            )
-        self._cache[account.id] = _Cached(grant.access_token, grant.expire_time)
-        return grant.access_token
+        force = False
+        while True:
+            try:
+                outcome = await self._providers.run(self._refresh_under_lease, client, account, force)
+            except Unauthenticated:
+                await self._mark_needs_reauth(account)
+                raise needs_reauth() from None
+            if isinstance(outcome, _Cached):
+                self._cache[account.id] = outcome
+                self._seen[account.id] = max(self._seen.get(account.id, 0), outcome.generation)
+                return outcome.token
+            # Another replica refreshed while this one waited for the lease: its token is on the way.
+            arrived = await self._await_generation(account.id, outcome)
+            if arrived is not None:
+                return arrived
+            force = True
+
+    def _refresh_under_lease(self, client: OAuthClient, account: Account, force: bool) -> _Cached | int:
+        """In a provider thread: refresh holding the account's lease, unless another replica has just done it.
+        Returns the new token, or the generation to wait for."""
+        with self._store.refresh_lease(account.id) as lease:
+            if lease.refresh_token is None:
+                raise needs_reauth()
+            cached = self._cache.get(account.id)
+            if cached is not None and cached.generation >= lease.generation and self._fresh(cached):
+                return cached  # it arrived while this replica waited for the lease
+            newer = lease.generation > self._seen.get(account.id, 0)
+            if lease.shared and not force and newer and self._recent(lease.refresh_time):
+                return lease.generation
+            self.refreshes += 1
+            outcome = "failed"
+            try:
+                grant: Grant = client.refresh(lease.refresh_token.decode("utf-8"))
+                outcome = "ok"
+            except Unauthenticated:
+                outcome = "refused"
+                raise
+            finally:
+                self._count(account.provider.value, outcome)
+            # A rotated refresh token is stored (committed with the lease) before the new access token is used: a
+            # crash now cannot leave the broker holding only a refresh token the provider has already retired.
+            rotated = grant.refresh_token.encode("utf-8") if grant.refresh_token else None
+            generation = lease.save(rotated, grant.access_token, grant.expire_time)
+            return _Cached(grant.access_token, grant.expire_time, generation)
+
+    def _count(self, provider: str, outcome: str) -> None:
+        with self._counting:
+            key = (provider, outcome)
+            self.refresh_outcomes[key] = self.refresh_outcomes.get(key, 0) + 1
+
+    async def _await_generation(self, account_id: str, generation: int) -> str | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLEET_WAIT_SECONDS
+        while loop.time() < deadline:
+            cached = self._cache.get(account_id)
+            if cached is not None and cached.generation >= generation and self._fresh(cached):
+                return cached.token
+            await asyncio.sleep(0.01)
+        return None
+
+    def _fresh(self, cached: _Cached) -> bool:
+        return cached.expire_time - self._margin > datetime.now(UTC)
+
+    @staticmethod
+    def _recent(refresh_time: datetime | None) -> bool:
+        return refresh_time is not None and datetime.now(UTC) - refresh_time < timedelta(seconds=FLEET_RECENT_SECONDS)
 
     async def _mark_needs_reauth(self, account: Account) -> None:
         self._cache.pop(account.id, None)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
@@ -33,7 +34,7 @@ from server.domain.models import (
     TransportSecurity,
 )
 from server.errors import AlreadyExists, NotFound
-from server.store import account_cache, audit
+from server.store import account_cache, audit, fleet
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import WRITE_INTENT
 from server.store.ids import new_event_id
@@ -51,6 +52,46 @@ from server.store.schema import (
 
 SecretColumn = Literal["imap_password", "refresh_token", "token_cache"]
 SECRET_COLUMNS: Final = frozenset(get_args(SecretColumn))
+
+
+class RefreshLease:
+    """What :meth:`Store.refresh_lease` hands out: the refresh token as stored, the refresh generation, and
+    :meth:`save` for the outcome of the refresh."""
+
+    def __init__(
+        self,
+        store: Store,
+        connection: Connection | None,
+        account_id: str,
+        dek: bytes,
+        refresh_token: bytes | None,
+        generation: int,
+        refresh_time: datetime | None,
+    ) -> None:
+        self._store = store
+        self._connection = connection
+        self.account_id = account_id
+        self.dek = dek
+        self.refresh_token = refresh_token
+        self.generation = generation
+        self.refresh_time = refresh_time
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas may refresh this account too (and will hear of this refresh)."""
+        return self._connection is not None
+
+    def save(self, refresh_token: bytes | None, access_token: str, expire_time: datetime) -> int:
+        """Store a rotated refresh token (None: unchanged), bump the generation and, on PostgreSQL, send the new
+        access token sealed with the account's data key to the other replicas. Returns the new generation.
+
+        The access token itself is never written to a table: it travels in a NOTIFY, which PostgreSQL does not
+        log, and only as ciphertext under the account's data key.
+        """
+        if self._connection is not None:
+            return self._store._save_refresh(self._connection, self, refresh_token, access_token, expire_time)
+        with self._store._writer.begin() as connection:
+            return self._store._save_refresh(connection, self, refresh_token, access_token, expire_time)
 
 
 def _utcnow() -> datetime:
@@ -185,7 +226,10 @@ class Store:
         with self._writer.begin() as connection:
             for table in (idempotency_records, feed_cursors, consents, account_secrets, data_keys, oauth_states):
                 connection.execute(delete(table).where(table.c.account_id == account_id))
-            return connection.execute(delete(accounts).where(accounts.c.id == account_id)).rowcount > 0
+            existed = connection.execute(delete(accounts).where(accounts.c.id == account_id)).rowcount > 0
+            # Other replicas end the account's feeds and drop its tokens when this commits.
+            fleet.send(connection, fleet.Erased(account_id))
+            return existed
 
     def accounts_needing_reauth_since(self, cutoff: datetime) -> list[tuple[str, str]]:
         """Return (tenant, account id) of every account NEEDS_REAUTH since ``cutoff`` or earlier (auto-erasure)."""
@@ -239,6 +283,93 @@ class Store:
                 .where(account_secrets.c.account_id == account_id)
                 .values({column: sealed, "update_time": self._clock()})
             )
+
+    # Token refresh, single-flight across replicas
+
+    @contextmanager
+    def refresh_lease(self, account_id: str) -> Iterator[RefreshLease]:
+        """Hold the right to refresh the account's access token for the block.
+
+        On PostgreSQL the account's ``account_secrets`` row stays locked (``SELECT ... FOR UPDATE``) until the
+        block ends, so replicas refresh one at a time and each reads the refresh token its predecessor stored:
+        a rotated token is never lost or used twice. On SQLite (one process) nothing is locked here: the caller
+        already refreshes single-flight in its process, and a write lock held across an HTTP call would stall
+        every other write. Raises NotFound if the account is gone.
+        """
+        shared = self._engine.dialect.name == "postgresql"
+        query = (
+            select(
+                account_secrets.c.refresh_token,
+                account_secrets.c.token_generation,
+                account_secrets.c.token_refresh_time,
+                data_keys.c.kek_version,
+                data_keys.c.wrapped,
+            )
+            .join(data_keys, data_keys.c.account_id == account_secrets.c.account_id)
+            .where(account_secrets.c.account_id == account_id)
+        )
+        if shared:
+            query = query.with_for_update(of=account_secrets)
+        with self._writer.begin() if shared else nullcontext(None) as locked:
+            if locked is None:
+                with self._engine.connect() as connection:
+                    row = connection.execute(query).one_or_none()
+            else:
+                row = locked.execute(query).one_or_none()
+            if row is None:
+                raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")
+            dek = unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)
+            refresh_token = (
+                None
+                if row.refresh_token is None
+                else open_sealed(
+                    dek, row.refresh_token, secret_aad("account_secrets", "refresh_token", account_id, SCHEMA_VERSION)
+                )
+            )
+            yield RefreshLease(
+                self, locked, account_id, dek, refresh_token, row.token_generation, row.token_refresh_time
+            )
+
+    def _save_refresh(
+        self,
+        connection: Connection,
+        lease: RefreshLease,
+        refresh_token: bytes | None,
+        access_token: str,
+        expire_time: datetime,
+    ) -> int:
+        generation = lease.generation + 1
+        values: dict[str, object] = {"token_generation": generation, "token_refresh_time": self._clock()}
+        if refresh_token is not None:
+            values["refresh_token"] = _seal_secret(lease.dek, lease.account_id, "refresh_token", refresh_token)
+            values["update_time"] = self._clock()
+        connection.execute(
+            update(account_secrets).where(account_secrets.c.account_id == lease.account_id).values(values)
+        )
+        fleet.send(connection, fleet.seal_token(lease.dek, lease.account_id, generation, access_token, expire_time))
+        return generation
+
+    def open_token(self, message: fleet.Token) -> tuple[str, datetime] | None:
+        """The access token and expiry another replica sent, or None if the account is gone or it does not open."""
+        query = select(data_keys.c.kek_version, data_keys.c.wrapped).where(data_keys.c.account_id == message.account_id)
+        with self._engine.connect() as connection:
+            row = connection.execute(query).one_or_none()
+        if row is None:
+            return None
+        dek = unwrap_data_key(self._keyring, message.account_id, row.kek_version, row.wrapped)
+        return fleet.open_token(dek, message)
+
+    def existing_account_ids(self, account_ids: Iterable[str]) -> set[str]:
+        """Those of ``account_ids`` that still exist (any tenant)."""
+        wanted = list(account_ids)
+        if not wanted:
+            return set()
+        with self._engine.connect() as connection:
+            return set(connection.scalars(select(accounts.c.id).where(accounts.c.id.in_(wanted))))
+
+    def forget_cached_accounts(self) -> None:
+        """Empty this process's cache of opened accounts (another replica changed or erased one)."""
+        self._accounts.clear()
 
     # OAuth (BeginOAuth / CompleteOAuth): states, grants, consent records
 

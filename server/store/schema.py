@@ -95,6 +95,9 @@ account_secrets = Table(
     Column("refresh_token", LargeBinary, nullable=True),
     Column("token_cache", LargeBinary, nullable=True),
     Column("update_time", UTCDateTime, nullable=False),
+    # Bumped by every token refresh, under the row's lock (see Store.refresh_lock): how replicas single-flight.
+    Column("token_generation", Integer, nullable=False, server_default="0"),
+    Column("token_refresh_time", UTCDateTime, nullable=True),
 )
 
 oauth_states = Table(

@@ -59,6 +59,7 @@ from server.store.schema import (
 from tests.postgres import PostgresServer
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+HEAD_REVISION = "0002"
 ACCOUNT_TABLES = (accounts, data_keys, account_secrets, consents, feed_cursors, idempotency_records, oauth_states)
 
 
@@ -282,7 +283,7 @@ def revision(engine: Engine) -> str | None:
 def test_upgrade_on_an_empty_database_creates_every_table(engine: Engine) -> None:
     tables = set(inspect(engine).get_table_names())
     assert tables == set(metadata.tables) | {"alembic_version"}
-    assert revision(engine) == "0001"
+    assert revision(engine) == HEAD_REVISION
 
 
 def test_upgrade_twice_is_a_no_op(engine: Engine, store: Store) -> None:
@@ -291,7 +292,7 @@ def test_upgrade_twice_is_a_no_op(engine: Engine, store: Store) -> None:
 
     upgrade(engine)
 
-    assert revision(engine) == "0001"
+    assert revision(engine) == HEAD_REVISION
     assert store.get_account(account.tenant, account.id) == account
 
 

@@ -1,0 +1,160 @@
+"""Word between broker replicas that share one PostgreSQL database: LISTEN/NOTIFY on one channel.
+
+Two messages travel, each sent inside the transaction that makes it true (PostgreSQL delivers a NOTIFY only when
+its transaction commits, and never if it rolls back):
+
+- :class:`Erased`: an account was erased. Every other replica ends the account's feeds, closes its connections and
+  forgets its access token.
+- :class:`Token`: a replica refreshed an account's access token. The token goes to the others sealed with the
+  account's data key (AES-256-GCM, AAD naming the account and the refresh generation), so that one refresh serves
+  the whole fleet. PostgreSQL keeps notifications in memory (spilling to ``pg_notify`` when the queue is long) and
+  never in its write-ahead log; nothing here writes a token to a table.
+
+On SQLite (one process) :func:`send` does nothing and no listener runs.
+
+Payloads carry an account id, a generation and ciphertext: no address, no name, no plaintext token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection
+
+from server.crypto.aead import open_sealed, seal
+from server.crypto.datakeys import secret_aad
+
+log = logging.getLogger("mailbroker.fleet")
+
+CHANNEL = "mailbroker_fleet"
+# How long the listener waits for a notification before checking whether it should stop.
+POLL_SECONDS = 0.5
+RECONNECT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Erased:
+    account_id: str
+
+
+@dataclass(frozen=True)
+class Token:
+    account_id: str
+    generation: int
+    sealed: bytes
+
+
+Message = Erased | Token
+
+
+def send(connection: Connection, message: Message) -> None:
+    """Queue ``message`` for the other replicas; it leaves when the connection's transaction commits."""
+    if connection.dialect.name != "postgresql":
+        return
+    connection.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": _encode(message)})
+
+
+def _token_aad(account_id: str, generation: int) -> bytes:
+    return secret_aad("fleet", f"access_token/{generation}", account_id, 1)
+
+
+def seal_token(dek: bytes, account_id: str, generation: int, access_token: str, expire_time: datetime) -> Token:
+    plaintext = json.dumps({"token": access_token, "expire": expire_time.astimezone(UTC).isoformat()}).encode()
+    return Token(account_id, generation, seal(dek, plaintext, _token_aad(account_id, generation)))
+
+
+def open_token(dek: bytes, message: Token) -> tuple[str, datetime] | None:
+    """The token and its expiry, or None if the ciphertext does not open for this account and generation."""
+    try:
+        document = json.loads(open_sealed(dek, message.sealed, _token_aad(message.account_id, message.generation)))
+        return str(document["token"]), datetime.fromisoformat(document["expire"])
+    except Exception:  # any tampering or mix-up reads as "no token": the replica refreshes instead
+        return None
+
+
+def _encode(message: Message) -> str:
+    if isinstance(message, Erased):
+        return json.dumps({"t": "erased", "a": message.account_id})
+    return json.dumps(
+        {"t": "token", "a": message.account_id, "g": message.generation, "s": base64.b64encode(message.sealed).decode()}
+    )
+
+
+def decode(payload: str) -> Message | None:
+    """Parse a notification; None for anything this version does not understand."""
+    try:
+        document = json.loads(payload)
+        account_id = document["a"]
+        if not isinstance(account_id, str):
+            return None
+        if document["t"] == "erased":
+            return Erased(account_id)
+        if document["t"] == "token":
+            return Token(account_id, int(document["g"]), base64.b64decode(document["s"], validate=True))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+class Listener:
+    """A thread holding one ``LISTEN`` connection, handing every message to ``deliver`` (on that thread).
+
+    After every (re)connection it calls ``on_connect`` first: messages sent while it was not listening are lost,
+    so the receiver re-checks what it holds (which watched accounts still exist) rather than trusting the silence.
+    """
+
+    def __init__(
+        self,
+        url: URL,
+        deliver: Callable[[Message], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._deliver = deliver
+        self._on_connect = on_connect
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mailbroker-fleet", daemon=True)
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import psycopg  # only replicas on PostgreSQL get here
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self._on_connect()
+                    self.connected.set()
+                    while not self._stop.is_set():
+                        for notification in connection.notifies(timeout=POLL_SECONDS):
+                            message = decode(notification.payload)
+                            if message is not None:
+                                self._dispatch(message)
+            except Exception as exc:  # the connection, its server or a callback: never the thread
+                self.connected.clear()
+                log.warning(
+                    "fleet listener lost its database connection; reconnecting",
+                    extra={"component": "fleet", "event": "fleet_reconnect", "reason": type(exc).__name__},
+                )
+                self._stop.wait(RECONNECT_SECONDS)
+        self.connected.clear()
+
+    def _dispatch(self, message: Message) -> None:
+        try:
+            self._deliver(message)
+        except Exception:  # one bad message must not stop the listener
+            log.error("fleet message failed", exc_info=True, extra={"component": "fleet"})

@@ -1,0 +1,175 @@
+"""Two broker replicas, each in its own process, on one PostgreSQL database: what one does, the other sees.
+
+The figures (how long the other replica took to end a feed of an erased account; token-endpoint requests for 100
+calls spread over both) are printed with ``-s``; the tests assert outcomes and counts, never times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from mailbroker.v1 import account_service_pb2 as apb
+from mailbroker.v1 import mail_service_pb2 as mpb
+from mailbroker.v1 import resources_pb2 as rpb
+
+from server.config import Config, GoogleConfig, LimitsConfig, MailConfig
+from server.crypto.keyring import load_keyring
+from server.store.engine import create_engine
+from server.store.repository import Store
+from tests.broker import broker_config, error_reason, stubs
+from tests.emulators.google import GoogleEmulator
+from tests.emulators.google.fixtures import google_emulator  # noqa: F401 - a fixture, found by name
+from tests.fleet import Replica, on_postgres, replicas
+from tests.integration.test_google import REDIRECT_URI, USER, _connect, _inbox, _live_refresh_tokens, _mail
+from tests.integration.test_imap import connect_request, sample
+from tests.mailserver import Mailbox, MailServers
+from tests.pki import PemPair, TestPki
+from tests.postgres import PostgresServer
+
+CALLS = 100
+
+
+def channel(replica: Replica, pki: TestPki, client: PemPair) -> grpc.aio.Channel:
+    key, cert = client.key_cert_pair()
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(), private_key=key, certificate_chain=cert
+    )
+    return grpc.aio.secure_channel(replica.target, credentials)
+
+
+@pytest.fixture
+def fleet_config(tmp_path: Path, pki: TestPki, postgres: PostgresServer, mail_servers: MailServers) -> Config:
+    config = on_postgres(broker_config(tmp_path, pki), postgres.new_database())
+    return dataclasses.replace(
+        config,
+        imap=dataclasses.replace(config.imap, ca_file=mail_servers.ca_path),
+        mail=MailConfig(folder_poll_seconds=0.5),
+        limits=LimitsConfig(max_concurrent_calls_per_identity=CALLS + 10),
+    )
+
+
+@pytest.fixture
+def fleet(fleet_config: Config, tmp_path: Path) -> Iterator[list[Replica]]:
+    with replicas(fleet_config, tmp_path / "fleet") as started:
+        yield started
+
+
+async def test_an_account_connected_through_one_replica_is_usable_through_the_other(
+    fleet: list[Replica], pki: TestPki, mail_servers: MailServers, mailbox: Mailbox
+) -> None:
+    one, other = fleet
+    mail_servers.deliver(mailbox.address, sample("canary replica one", to=mailbox.address))
+    async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
+        account = await stubs(first)[0].ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=30)
+        accounts, mail = stubs(second)
+        seen = await accounts.GetAccount(apb.GetAccountRequest(name=account.name), timeout=10)
+        assert seen.name == account.name
+        listed = await mail.ListMessages(mpb.ListMessagesRequest(parent=account.name), timeout=30)
+        assert [m.subject for m in listed.messages] == ["canary replica one"]
+        # Tenancy holds on every replica: another tenant's caller does not see it there either.
+    async with channel(other, pki, pki.bob) as foreign:
+        accounts, _ = stubs(foreign)
+        listing = await accounts.ListAccounts(apb.ListAccountsRequest(), timeout=10)
+        assert account.name not in [a.name for a in listing.accounts]
+
+
+async def test_delete_through_one_replica_ends_feeds_and_refuses_calls_on_the_other(
+    fleet: list[Replica], pki: TestPki, mail_servers: MailServers, mailbox: Mailbox
+) -> None:
+    one, other = fleet
+    async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
+        account = await stubs(first)[0].ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=30)
+        accounts, mail = stubs(second)
+        stream = mail.WatchMailbox(
+            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
+            timeout=120,
+        )
+        await asyncio.sleep(1.0)  # the other replica's watcher is in IDLE
+        mail_servers.deliver(mailbox.address, sample("canary before erasure", to=mailbox.address))
+        added = await asyncio.wait_for(stream.read(), 20)
+        assert added.WhichOneof("event") == "message_added"
+
+        erased_at = time.monotonic()
+        receipt = await stubs(first)[0].DeleteAccount(apb.DeleteAccountRequest(name=account.name), timeout=30)
+        assert receipt.account == account.name
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await _read_to_the_end(stream)
+        took = time.monotonic() - erased_at
+        assert (ended.value.code(), error_reason(ended.value)) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_ERASED")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await accounts.GetAccount(apb.GetAccountRequest(name=account.name), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    print(f"\nfigure: feed on the other replica ended {took * 1000:.0f} ms after DeleteAccount was called")
+
+
+async def _read_to_the_end(stream: object) -> None:
+    """Read events (heartbeats may come) until the stream ends: with an error, raised; cleanly, a failure."""
+    while True:
+        event = await asyncio.wait_for(stream.read(), 30)  # type: ignore[attr-defined]
+        assert event is not grpc.aio.EOF, "the feed ended without an error"
+
+
+@pytest.fixture
+def google_fleet_config(fleet_config: Config, google_emulator: GoogleEmulator) -> Config:  # noqa: F811
+    client = google_emulator.register_client([REDIRECT_URI])
+    google_emulator.add_user(USER)
+    return dataclasses.replace(
+        fleet_config,
+        google=GoogleConfig(
+            client_id=client.client_id,
+            client_secret=client.client_secret,
+            redirect_uris=(REDIRECT_URI,),
+            authorization_endpoint=google_emulator.authorize_url,
+            token_endpoint=google_emulator.token_url,
+            revoke_endpoint=google_emulator.revoke_url,
+            certs_url=google_emulator.certs_url,
+            issuers=(google_emulator.issuer,),
+            api_endpoint=google_emulator.gmail_api_endpoint,
+            ca_file=google_emulator.ca_path,
+            max_retry_seconds=5.0,
+        ),
+    )
+
+
+async def test_a_hundred_calls_spread_over_replicas_on_an_expired_token_make_one_refresh(
+    google_fleet_config: Config,
+    google_emulator: GoogleEmulator,  # noqa: F811
+    pki: TestPki,
+    tmp_path: Path,
+) -> None:
+    emulator = google_emulator
+    emulator.set_policy(rotate_refresh_tokens=True)  # a refresh token used twice would be refused: invalid_grant
+    emulator.deliver(USER, _mail("canary fleet"))
+    with replicas(google_fleet_config, tmp_path / "fleet") as (one, other):
+        async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
+            account = await _connect(stubs(first)[0], emulator, [rpb.CAPABILITY_READ])
+            mails = [stubs(first)[1], stubs(second)[1]]
+            refreshes = []
+            for _round in range(2):  # a cold start, then every access token expired at Google
+                before = emulator.counters().get("token.refresh_token", 0)
+                calls = [mails[i % 2].ListMessages(_inbox(account), timeout=60) for i in range(CALLS)]
+                results = await asyncio.gather(*calls)
+                assert all(len(r.messages) == 1 for r in results)
+                refreshes.append(emulator.counters().get("token.refresh_token", 0) - before)
+                emulator.expire_access_tokens(USER)
+    assert refreshes == [1, 1]
+    # The refresh token the fleet holds is the one live at Google: none was lost or used twice.
+    engine = create_engine(google_fleet_config.store_url)
+    try:
+        stored = Store(engine, load_keyring(google_fleet_config.keyring_file, {})).read_secret(
+            account.name.split("/")[1], "refresh_token"
+        )
+    finally:
+        engine.dispose()
+    assert stored is not None and _live_refresh_tokens(emulator) == {stored.decode()}
+    print(f"\nfigure: token-endpoint requests for {CALLS} calls over 2 replicas, twice: {refreshes}")
