@@ -24,7 +24,7 @@ from server.domain.principal import Principal
 from server.errors import FieldViolation, InvalidArgument
 from server.providers.imap.connection import Credentials
 from server.providers.imap.driver import ImapDriver, ImapSettings
-from server.providers.imap.network import HostNotAllowed
+from server.providers.imap.network import SERVER_ROLES, HostNotAllowed
 from server.store.ids import new_account_id
 from server.store.repository import Store
 
@@ -118,7 +118,8 @@ class ImapAccounts:
         elif sending and address is None:
             violations.append(FieldViolation("email_address", "is required to send (the username is no address)"))
         if refused and not violations:
-            raise HostNotAllowed(field_violations=refused)
+            roles = [role for role in SERVER_ROLES if any(v.field.startswith(f"{role}.") for v in refused)]
+            raise HostNotAllowed.of(*roles, field_violations=refused)
         if violations:
             raise InvalidArgument("the account settings are not valid", reason=reason, field_violations=violations)
         assert request.imap_server is not None

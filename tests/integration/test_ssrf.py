@@ -1,6 +1,7 @@
 """The SSRF guard: ConnectImapAccount and every later connection refuse mail servers on internal addresses unless
 [imap] allowed_networks lets them through; a name is resolved once per connection and the socket goes to the
-address that was checked (no DNS rebinding), while TLS verifies the name."""
+address that was checked (no DNS rebinding), while TLS verifies the name. A refusal says whether the IMAP or the
+SMTP server was refused (message and ErrorInfo metadata ``server``), never the host or the address."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
@@ -21,8 +23,8 @@ from server.errors import PermissionDenied, ProviderUnavailable
 from server.providers.imap import network
 from server.providers.imap.connection import Credentials, open_imap
 from server.providers.imap.network import NetworkGuard
-from tests.broker import LOOPBACK_NETWORKS, broker_config, error_reason, running_broker, stubs
-from tests.integration.test_imap import connect_request, imap_config
+from tests.broker import LOOPBACK_NETWORKS, broker_config, error_reason, rich_status, running_broker, stubs
+from tests.integration.test_imap import ALL, connect_request, imap_config
 from tests.mailserver import Mailbox, MailServers
 from tests.pki import TestPki
 
@@ -57,6 +59,26 @@ REFUSED = [
     "fec0::1",
 ]
 PUBLIC = ["8.8.8.8", "1.1.1.1", "2607:f8b0:4004:800::200e", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+
+
+def _refused(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, dict[str, str], list[str]]:
+    """Code, reason, ErrorInfo metadata and BadRequest fields of a refusal."""
+    metadata: dict[str, str] = {}
+    fields: list[str] = []
+    status = rich_status(error)
+    for detail in status.details if status else []:
+        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            metadata = dict(info.metadata)
+        elif detail.Unpack(bad_request):
+            fields = [violation.field for violation in bad_request.field_violations]
+    return error.code(), error_reason(error), metadata, fields
+
+
+def _says_which(error: grpc.aio.AioRpcError, *names: str) -> bool:
+    """The message names exactly these servers (IMAP, SMTP)."""
+    details = error.details() or ""
+    return all((name in details) == (name in names) for name in ("IMAP", "SMTP"))
 
 
 @pytest.mark.parametrize("address", REFUSED)
@@ -113,6 +135,8 @@ def test_a_name_rebound_to_a_private_address_is_refused_and_connections_go_to_th
     with pytest.raises(PermissionDenied) as caught:
         open_imap(server, Credentials("u", "p"), ssl.create_default_context(), 5, guard)
     assert caught.value.reason == "HOST_NOT_ALLOWED" and tried == []
+    assert caught.value.metadata == {"server": "imap_server"} and "IMAP server" in caught.value.message
+    assert "rebinding" not in caught.value.message and "203.0.113.7" not in caught.value.message
     # Then the name rebinds to a private address: refused again, and nothing was connected to.
     with pytest.raises(PermissionDenied) as caught:
         open_imap(server, Credentials("u", "p"), ssl.create_default_context(), 5, guard)
@@ -126,6 +150,7 @@ def test_a_name_rebound_to_a_private_address_is_refused_and_connections_go_to_th
 
 
 def _imap_server(host: str, port: int = 993) -> rpb.MailServer:
+    """A server with implicit TLS (IMAPS 993, or SMTPS with ``port=465``)."""
     return rpb.MailServer(host=host, port=port, security=rpb.TRANSPORT_SECURITY_IMPLICIT_TLS)
 
 
@@ -144,8 +169,43 @@ async def test_connect_refuses_an_internal_address_literal_before_any_connection
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await accounts.ConnectImapAccount(request, timeout=20)
-    assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.PERMISSION_DENIED, "HOST_NOT_ALLOWED")
+    assert _refused(caught.value) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "HOST_NOT_ALLOWED",
+        {"server": "imap_server"},
+        ["imap_server.host"],
+    )
+    assert _says_which(caught.value, "IMAP")
     assert host not in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("imap_host", "smtp_host", "server", "names"),
+    [
+        ("mail.example.test", "169.254.169.254", "smtp_server", ("SMTP",)),
+        ("10.0.0.1", "::1", "imap_server,smtp_server", ("IMAP", "SMTP")),
+    ],
+)
+async def test_a_refused_smtp_address_literal_is_told_apart_from_the_imap_one(
+    tmp_path: Path, pki: TestPki, imap_host: str, smtp_host: str, server: str, names: tuple[str, ...]
+) -> None:
+    config = dataclasses.replace(broker_config(tmp_path, pki), imap=ImapConfig())
+    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
+        accounts, _ = stubs(channel)
+        request = apb.ConnectImapAccountRequest(
+            imap_server=_imap_server(imap_host),
+            smtp_server=_imap_server(smtp_host, 465),
+            username="someone@example.test",
+            password="irrelevant",
+            capabilities=ALL,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await accounts.ConnectImapAccount(request, timeout=20)
+    code, reason, metadata, fields = _refused(caught.value)
+    assert (code, reason, metadata) == (grpc.StatusCode.PERMISSION_DENIED, "HOST_NOT_ALLOWED", {"server": server})
+    assert fields == [f"{role}.host" for role in server.split(",")]
+    assert _says_which(caught.value, *names)
+    assert smtp_host not in (caught.value.details() or "") and imap_host not in (caught.value.details() or "")
 
 
 async def test_connect_refuses_a_name_that_resolves_to_an_internal_address(
@@ -163,8 +223,39 @@ async def test_connect_refuses_a_name_that_resolves_to_an_internal_address(
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await accounts.ConnectImapAccount(request, timeout=20)
-    assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.PERMISSION_DENIED, "HOST_NOT_ALLOWED")
+    assert _refused(caught.value) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "HOST_NOT_ALLOWED",
+        {"server": "imap_server"},
+        [],
+    )
+    assert _says_which(caught.value, "IMAP")
+    assert "internal" not in (caught.value.details() or "")
     assert stub_resolver.lookups == ["mail.internal.test"]
+
+
+async def test_an_smtp_server_name_that_resolves_to_an_internal_address_is_refused_as_the_smtp_server(
+    tmp_path: Path, pki: TestPki, mail_servers: MailServers, mailbox: Mailbox, stub_resolver: StubResolver
+) -> None:
+    # The IMAP server (Dovecot on 127.0.0.1, allowed) logs in; the SMTP server's name resolves to a private address.
+    stub_resolver.answers = [["127.0.0.1"], ["10.9.8.7"]]
+    config = imap_config(tmp_path, pki, mail_servers, allowed_networks=("127.0.0.1/32",))
+    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
+        accounts, _ = stubs(channel)
+        request = connect_request(mail_servers, mailbox)
+        request.imap_server.host = "localhost"  # the name on Dovecot's certificate
+        request.smtp_server.host = "smtp.internal.test"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await accounts.ConnectImapAccount(request, timeout=20)
+    assert _refused(caught.value) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "HOST_NOT_ALLOWED",
+        {"server": "smtp_server"},
+        [],
+    )
+    assert _says_which(caught.value, "SMTP")
+    assert "internal" not in (caught.value.details() or "")
+    assert stub_resolver.lookups == ["localhost", "smtp.internal.test"]
 
 
 async def test_an_account_whose_name_rebinds_to_a_refused_address_is_refused_at_the_next_connection(
@@ -180,7 +271,12 @@ async def test_an_account_whose_name_rebinds_to_a_refused_address_is_refused_at_
         account = await accounts.ConnectImapAccount(request, timeout=20)  # IMAP and SMTP: two lookups
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=20)
-    assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.PERMISSION_DENIED, "HOST_NOT_ALLOWED")
+    assert _refused(caught.value)[:3] == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "HOST_NOT_ALLOWED",
+        {"server": "imap_server"},
+    )
+    assert _says_which(caught.value, "IMAP")
     assert stub_resolver.lookups == ["localhost"] * 3
 
 

@@ -94,7 +94,7 @@ class AsyncImap:
         cls, server: MailServer, credentials: Credentials, tls: ssl.SSLContext, timeout: float, *, guard: NetworkGuard
     ) -> AsyncImap:
         """Log in on an address ``guard`` permits (resolved once; TLS verifies the host name, not the address)."""
-        addresses = await guard.addresses_async(server.host, server.port)
+        addresses = await guard.addresses_async(server.host, server.port, role="imap_server")
         try:
             implicit = server.security is TransportSecurity.IMPLICIT_TLS
             async with asyncio.timeout(timeout):

@@ -193,7 +193,7 @@ def open_imap(
     """A logged-in IMAPClient on an address ``guard`` permits; the socket is closed again on any failure."""
     with provider_errors():
         timeout = capped(timeout)
-        addresses = guard.addresses(server.host, server.port)
+        addresses = guard.addresses(server.host, server.port, role="imap_server")
         client = _PinnedIMAPClient(
             addresses,
             server.host,
@@ -245,7 +245,7 @@ def open_smtp(
     over TLS unless plaintext)."""
     with provider_errors():
         timeout = capped(timeout)
-        addresses = guard.addresses(server.host, server.port)
+        addresses = guard.addresses(server.host, server.port, role="smtp_server")
         smtp: smtplib.SMTP
         if server.security is TransportSecurity.IMPLICIT_TLS:
             smtp = _PinnedSMTPSSL(addresses, server.host, server.port, timeout, tls)

@@ -17,8 +17,9 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from server.errors import PermissionDenied, ProviderUnavailable
+from server.errors import FieldViolation, PermissionDenied, ProviderUnavailable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,9 +29,29 @@ Resolver = Callable[[str, int], list[str]]
 MAX_ADDRESSES = 32
 
 
+#: Which of an account's servers a connection goes to: the field of ConnectImapAccountRequest (and of the account)
+#: that names it.
+ServerRole = Literal["imap_server", "smtp_server"]
+SERVER_ROLES: tuple[ServerRole, ...] = ("imap_server", "smtp_server")
+_ROLE_NAMES: dict[str, str] = {"imap_server": "IMAP", "smtp_server": "SMTP"}
+
+
 class HostNotAllowed(PermissionDenied):
+    """A refused IMAP or SMTP server: the message and ErrorInfo metadata ``server`` (``imap_server``,
+    ``smtp_server`` or both, comma-separated) say which one, never its host or address."""
+
     default_reason = "HOST_NOT_ALLOWED"
     default_message = "the mail server's address is not allowed by this broker's configuration"
+
+    @classmethod
+    def of(cls, *roles: ServerRole, field_violations: Sequence[FieldViolation] = ()) -> HostNotAllowed:
+        names = " and ".join(_ROLE_NAMES[role] for role in roles)
+        whose = f"the {names} servers' addresses are" if len(roles) > 1 else f"the {names} server's address is"
+        return cls(
+            f"{whose} not allowed by this broker's configuration",
+            metadata={"server": ",".join(roles)},
+            field_violations=field_violations,
+        )
 
 
 def resolve(host: str, port: int) -> list[str]:
@@ -108,8 +129,9 @@ class NetworkGuard:
             return True
         return self.permits(address)
 
-    def addresses(self, host: str, port: int) -> list[str]:
-        """Resolve ``host`` once and return its addresses if every one is permitted; else raise HostNotAllowed.
+    def addresses(self, host: str, port: int, *, role: ServerRole) -> list[str]:
+        """Resolve ``host`` once and return its addresses if every one is permitted; else raise HostNotAllowed
+        (naming ``role``, the server the connection is for).
 
         All of them, not some: a name that also resolves to a private address is refused, so which address a
         connection ends up on cannot decide whether the guard applies.
@@ -123,18 +145,18 @@ class NetworkGuard:
         if not resolved:
             raise ProviderUnavailable("the mail server's host name does not resolve", reason="PROVIDER_UNREACHABLE")
         if len(resolved) > MAX_ADDRESSES:
-            raise HostNotAllowed()
+            raise HostNotAllowed.of(role)
         for text in resolved:
             try:
                 address = ipaddress.ip_address(text.split("%", 1)[0])  # a scoped IPv6 address is link-local anyway
             except ValueError:
-                raise HostNotAllowed() from None
+                raise HostNotAllowed.of(role) from None
             if not self.permits(address):
-                raise HostNotAllowed()
+                raise HostNotAllowed.of(role)
         return resolved
 
-    async def addresses_async(self, host: str, port: int) -> list[str]:
-        return await asyncio.to_thread(self.addresses, host, port)
+    async def addresses_async(self, host: str, port: int, *, role: ServerRole) -> list[str]:
+        return await asyncio.to_thread(lambda: self.addresses(host, port, role=role))
 
 
 def connect(addresses: Sequence[str], port: int, timeout: float) -> socket.socket:
