@@ -11,7 +11,7 @@ from mailbroker.v1 import mail_service_pb2_grpc, resources_pb2
 
 from server.api import convert, names
 from server.domain.accounts import Accounts
-from server.domain.mailbox import Mailboxes
+from server.domain.mailbox import MAX_WATCHED_FOLDERS, Mailboxes, too_many_folders
 from server.interceptors.context import current_principal
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -80,6 +80,9 @@ class MailServicer(mail_service_pb2_grpc.MailServiceServicer):
 
     async def WatchMailbox(self, request: pb.WatchMailboxRequest, context: Context) -> AsyncIterator[pb.MailboxEvent]:
         account_id = names.parse_account(request.account, "account")
+        # Counted before any name is parsed or the account looked up: a huge list costs one len().
+        if len(request.folders) > MAX_WATCHED_FOLDERS:
+            raise too_many_folders()
         folder_ids = []
         for index, folder in enumerate(request.folders):
             folder_account, folder_id = names.parse_child(folder, "folders", f"folders[{index}]")

@@ -49,6 +49,16 @@ def _fingerprint(message: OutgoingMessage) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def too_many_folders() -> InvalidArgument:
+    """A WatchMailbox request that names more than MAX_WATCHED_FOLDERS folders (the servicer counts the entries
+    before it parses any of them; the feed counts distinct folders)."""
+    return InvalidArgument(
+        f"at most {MAX_WATCHED_FOLDERS} folders per feed",
+        reason="TOO_MANY_FOLDERS",
+        field_violations=[FieldViolation("folders", f"at most {MAX_WATCHED_FOLDERS}")],
+    )
+
+
 class Mailboxes:
     """The MailService's domain: every call resolves the caller's account and the capability it needs first."""
 
@@ -215,11 +225,7 @@ class Mailboxes:
             driver = await self._drivers.get(account)
             folders = sorted(set(folder_ids)) or [driver.inbox_id]
             if len(folders) > MAX_WATCHED_FOLDERS:
-                raise InvalidArgument(
-                    f"at most {MAX_WATCHED_FOLDERS} folders per feed",
-                    reason="TOO_MANY_FOLDERS",
-                    field_violations=[FieldViolation("folders", f"at most {MAX_WATCHED_FOLDERS}")],
-                )
+                raise too_many_folders()
             binding = [principal.tenant, account_id, *folders]
             positions: dict[str, object] = {}
             if resume_token:

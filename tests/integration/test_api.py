@@ -17,6 +17,7 @@ from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
 from server.domain.models import Capability
+from server.providers.imap.ids import folder_id
 from tests.broker import RunningBroker, error_reason, rich_status, seed_account, stubs
 
 
@@ -381,3 +382,44 @@ async def test_a_heartbeat_interval_out_of_range_is_invalid_argument_never_inter
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_HEARTBEAT_INTERVAL",
         )
+
+
+async def test_too_many_watched_folders_are_refused_before_any_is_parsed_or_the_account_looked_up(
+    broker: RunningBroker,
+) -> None:
+    account = seed_account(broker.store(), broker.pki.alice.identity)
+    name = f"accounts/{account.id}"
+    folder = f"{name}/folders/{folder_id('INBOX')}"
+    requests = {
+        # 21 names of one folder: entries are counted, not distinct folders.
+        "repeated": mpb.WatchMailboxRequest(account=name, folders=[folder] * 21),
+        # 100,000 entries none of which is a folder name: refused for the count, not for folders[0].
+        "huge": mpb.WatchMailboxRequest(account=name, folders=["x"] * 100_000),
+        # An account that does not exist: the same answer, so the count check tells nothing about accounts.
+        "no such account": mpb.WatchMailboxRequest(
+            account="accounts/nosuchaccount", folders=[f"accounts/nosuchaccount/folders/{folder_id('INBOX')}"] * 21
+        ),
+    }
+    seen = {}
+    async with broker.channel(broker.pki.alice) as channel:
+        _, mail = stubs(channel)
+        for case, request in requests.items():
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in mail.WatchMailbox(request, timeout=10):
+                    pass
+            status = rich_status(caught.value)
+            bad_request = error_details_pb2.BadRequest()
+            fields = [
+                v.field
+                for d in (status.details if status else [])
+                if d.Unpack(bad_request)
+                for v in bad_request.field_violations
+            ]
+            seen[case] = (caught.value.code(), error_reason(caught.value), fields)
+        # 20 entries are within the limit: the call gets past the check (to the mail server, which is not there).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in mail.WatchMailbox(mpb.WatchMailboxRequest(account=name, folders=[folder] * 20), timeout=10):
+                pass
+    too_many = (grpc.StatusCode.INVALID_ARGUMENT, "TOO_MANY_FOLDERS", ["folders"])
+    assert seen == {case: too_many for case in requests}
+    assert error_reason(caught.value) == "PROVIDER_UNREACHABLE"
