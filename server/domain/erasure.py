@@ -93,6 +93,7 @@ class Erasure:
         feeds: FeedHub,
         scrub: Callable[[], bool],
         revokers: Mapping[Provider, Revoker] | None = None,
+        scrub_detail: str = "",
     ) -> None:
         self._drivers = drivers
         self._feeds = feeds
@@ -100,6 +101,7 @@ class Erasure:
         self._accounts = accounts
         self._blocking = blocking
         self._scrub = scrub
+        self._scrub_detail = scrub_detail  # what a DONE scrub means on this store
         self._revokers: dict[Provider, Revoker] = {Provider.IMAP: _imap_revoke, **(revokers or {})}
 
     async def erase(self, principal: Principal, account_id: str) -> ErasureReceipt:
@@ -123,7 +125,7 @@ class Erasure:
 
         clean = await self._blocking.run(self._scrub)
         steps.append(
-            _step("SCRUB_STORAGE", "DONE")
+            _step("SCRUB_STORAGE", "DONE", detail=self._scrub_detail)
             if clean
             else _step("SCRUB_STORAGE", "FAILED", "CHECKPOINT_BUSY", "a reader kept the write-ahead log open")
         )

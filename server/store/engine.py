@@ -20,6 +20,9 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+from server.errors import ConfigurationError
 
 # Execution option: "this transaction will write". Other backends ignore it.
 WRITE_INTENT = "mailbroker_write_intent"
@@ -48,18 +51,23 @@ _ACCOUNT_TABLES = (
 def create_engine(url: str) -> Engine:
     """Return an engine for ``url``; for a SQLite file, make its directory (0700) and file (0600) first.
 
-    ``postgresql://`` means psycopg 3 (the one PostgreSQL driver the broker ships with). Raises ValueError for any
-    other backend: the migrations and the locking in :mod:`server.store` are written for these two.
+    ``postgresql://`` means psycopg 3 (the one PostgreSQL driver the broker ships with). Raises
+    ConfigurationError for a malformed URL or any other backend: the migrations and the locking in
+    :mod:`server.store` are written for these two. The message never repeats the URL (it may hold a password).
     """
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError("store.url is not a database URL (sqlite:///PATH or postgresql://...)") from None
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+        if parsed.drivername not in ("postgresql", "postgresql+psycopg"):
+            raise ConfigurationError("store.url: PostgreSQL is reached through psycopg: postgresql://...")
+        parsed = parsed.set(drivername="postgresql+psycopg")
         # pre_ping: a replica outlives database restarts and failovers without handing a dead connection to a call.
         return sqlalchemy.create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=8)
     if backend != "sqlite":
-        raise ValueError(f"store.url: unsupported database {backend!r} (use sqlite:/// or postgresql://)")
+        raise ConfigurationError("store.url: unsupported database (use sqlite:///PATH or postgresql://...)")
     path = _sqlite_file(parsed)
     if path is not None:
         _prepare_sqlite_file(path)

@@ -99,6 +99,9 @@ async def test_delete_through_one_replica_ends_feeds_and_refuses_calls_on_the_ot
         erased_at = time.monotonic()
         receipt = await stubs(first)[0].DeleteAccount(apb.DeleteAccountRequest(name=account.name), timeout=30)
         assert receipt.account == account.name
+        scrub = next(step for step in receipt.steps if step.kind == rpb.ERASURE_STEP_KIND_SCRUB_STORAGE)
+        assert scrub.outcome == rpb.ERASURE_OUTCOME_DONE
+        assert "crypto-shredding" in scrub.detail  # the receipt says what completes the erasure on PostgreSQL
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await _read_to_the_end(stream)
         took = time.monotonic() - erased_at

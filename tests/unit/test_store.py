@@ -38,7 +38,7 @@ from server.domain.models import (
     Provider,
     TransportSecurity,
 )
-from server.errors import AlreadyExists, NotFound
+from server.errors import AlreadyExists, ConfigurationError, NotFound
 from server.store.audit import GENESIS_DIGEST, event_digest
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.ids import new_account_id, new_event_id
@@ -918,3 +918,28 @@ def test_erasure_on_postgresql_leaves_only_ciphertext_that_no_remaining_key_open
         assert sealed_password != password.encode()
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://user:canary-store-password@127.0.0.1/db",
+        "postgresql+asyncpg://user:canary-store-password@127.0.0.1/db",
+        "not a url canary-store-password",
+    ],
+)
+def test_an_unsupported_store_url_is_a_configuration_error_that_does_not_repeat_it(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        create_engine(url)
+    assert "canary-store-password" not in str(caught.value)
+
+
+def test_an_unreachable_database_is_a_configuration_error_naming_neither_host_nor_password() -> None:
+    engine = create_engine("postgresql://user:canary-store-password@127.0.0.1:1/db")
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            upgrade(engine)
+    finally:
+        engine.dispose()
+    assert "canary-store-password" not in str(caught.value)
+    assert "127.0.0.1" not in str(caught.value)
