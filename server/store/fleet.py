@@ -5,6 +5,8 @@ its transaction commits, and never if it rolls back):
 
 - :class:`Erased`: an account was erased. Every other replica ends the account's feeds, closes its connections and
   forgets its access token.
+- :class:`Regranted`: the user consented again (new scopes, a new refresh token). The others drop the account's
+  access token and connections, which carry the old grant's scopes.
 - :class:`Token`: a replica refreshed an account's access token. The token goes to the others sealed with the
   account's data key (AES-256-GCM, AAD naming the account and the refresh generation), so that one refresh serves
   the whole fleet. PostgreSQL keeps notifications in memory (spilling to ``pg_notify`` when the queue is long) and
@@ -45,13 +47,18 @@ class Erased:
 
 
 @dataclass(frozen=True)
+class Regranted:
+    account_id: str
+
+
+@dataclass(frozen=True)
 class Token:
     account_id: str
     generation: int
     sealed: bytes
 
 
-Message = Erased | Token
+Message = Erased | Regranted | Token
 
 
 def send(connection: Connection, message: Message) -> None:
@@ -82,6 +89,8 @@ def open_token(dek: bytes, message: Token) -> tuple[str, datetime] | None:
 def _encode(message: Message) -> str:
     if isinstance(message, Erased):
         return json.dumps({"t": "erased", "a": message.account_id})
+    if isinstance(message, Regranted):
+        return json.dumps({"t": "regranted", "a": message.account_id})
     return json.dumps(
         {"t": "token", "a": message.account_id, "g": message.generation, "s": base64.b64encode(message.sealed).decode()}
     )
@@ -96,6 +105,8 @@ def decode(payload: str) -> Message | None:
             return None
         if document["t"] == "erased":
             return Erased(account_id)
+        if document["t"] == "regranted":
+            return Regranted(account_id)
         if document["t"] == "token":
             return Token(account_id, int(document["g"]), base64.b64decode(document["s"], validate=True))
     except (ValueError, KeyError, TypeError):

@@ -439,6 +439,7 @@ class Store:
                 .where(account_secrets.c.account_id == account_id)
                 .values(refresh_token=_seal_secret(dek, account_id, "refresh_token", refresh_token), update_time=now)
             )
+            fleet.send(connection, fleet.Regranted(account_id))
             return (
                 connection.execute(
                     update(accounts)

@@ -176,3 +176,41 @@ async def test_a_hundred_calls_spread_over_replicas_on_an_expired_token_make_one
         engine.dispose()
     assert stored is not None and _live_refresh_tokens(emulator) == {stored.decode()}
     print(f"\nfigure: token-endpoint requests for {CALLS} calls over 2 replicas, twice: {refreshes}")
+
+
+async def test_consent_given_through_one_replica_takes_effect_on_the_other(
+    google_fleet_config: Config,
+    google_emulator: GoogleEmulator,  # noqa: F811
+    pki: TestPki,
+    tmp_path: Path,
+) -> None:
+    """The other replica holds an access token of the READ grant; once SEND is granted through the first, the other
+    sends at once: it dropped the old token (and its scopes) on the first's notice instead of waiting for expiry."""
+    emulator = google_emulator
+    emulator.deliver(USER, _mail("canary regrant"))
+    with replicas(google_fleet_config, tmp_path / "fleet") as (one, other):
+        async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
+            accounts = stubs(first)[0]
+            account = await _connect(accounts, emulator, [rpb.CAPABILITY_READ])
+            _, mail = stubs(second)
+            assert len((await mail.ListMessages(_inbox(account), timeout=30)).messages) == 1  # a READ-only token
+            await _connect(accounts, emulator, [rpb.CAPABILITY_SEND], account=account.name)
+            sent = await _send_once_granted(mail, account.name)
+            assert sent.message
+    assert len(emulator.sent_messages(USER)) == 1
+
+
+async def _send_once_granted(mail: object, account: str) -> mpb.SendMessageResponse:
+    """SendMessage, again while the replica still has the account's old capabilities cached (up to 2 s)."""
+    recipient = rpb.EmailAddress(address="canary.rcpt@example.test")
+    request = mpb.SendMessageRequest(
+        account=account, message=mpb.OutgoingMessage(to_recipients=[recipient], subject="canary", text_body="x")
+    )
+    for _attempt in range(50):
+        try:
+            return await mail.SendMessage(request, timeout=30)  # type: ignore[attr-defined,no-any-return]
+        except grpc.aio.AioRpcError as error:
+            if error_reason(error) != "CAPABILITY_NOT_GRANTED":
+                raise
+        await asyncio.sleep(0.1)
+    raise AssertionError("SEND never became usable on the other replica")
