@@ -39,6 +39,8 @@ CHANNEL = "mailbroker_fleet"
 # How long the listener waits for a notification before checking whether it should stop.
 POLL_SECONDS = 0.5
 RECONNECT_SECONDS = 1.0
+# PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more.
+MAX_PAYLOAD_BYTES = 7_900
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,12 @@ def send(connection: Connection, message: Message) -> None:
     """Queue ``message`` for the other replicas; it leaves when the connection's transaction commits."""
     if connection.dialect.name != "postgresql":
         return
-    connection.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": _encode(message)})
+    payload = _encode(message)
+    if len(payload.encode()) > MAX_PAYLOAD_BYTES:
+        # Only a token can be this long. PostgreSQL would refuse it and roll back the refresh with it, losing a
+        # rotated refresh token; the other replicas refresh for themselves instead.
+        return
+    connection.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload})
 
 
 def _token_aad(account_id: str, generation: int) -> bytes:

@@ -943,3 +943,23 @@ def test_an_unreachable_database_is_a_configuration_error_naming_neither_host_no
         engine.dispose()
     assert "canary-store-password" not in str(caught.value)
     assert "127.0.0.1" not in str(caught.value)
+
+
+def test_a_token_too_long_for_a_notify_does_not_cost_the_refresh(postgres: PostgresServer) -> None:
+    """A refresh stores its rotated refresh token even when the access token cannot be shared (PostgreSQL refuses
+    NOTIFY payloads of 8,000 bytes): the transaction must not fail with it."""
+    engine = create_engine(postgres.new_database())
+    try:
+        upgrade(engine)
+        store = Store(engine, new_keyring(1))
+        account = make_account()
+        store.create_account(account, {"refresh_token": b"old"})
+        for access_token in ("short", "x" * 20_000):
+            with store.refresh_lease(account.id) as lease:
+                assert lease.shared
+                lease.save(f"rotated-{len(access_token)}".encode(), access_token, T0 + timedelta(hours=1))
+            assert store.read_secret(account.id, "refresh_token") == f"rotated-{len(access_token)}".encode()
+        with store.refresh_lease(account.id) as lease:
+            assert lease.generation == 2
+    finally:
+        engine.dispose()
