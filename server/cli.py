@@ -25,6 +25,7 @@ from server.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from server.app import Broker
+    from server.policy_watch import PolicyFileWatch
     from server.store.rotation import KekUsage
 
 EXIT_CHECK_FAILED = 1
@@ -139,16 +140,30 @@ def prepare_embedded_defaults(config: Config, environ: dict[str, str] | os._Envi
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from server.policy_watch import PolicyFileWatch
+
+    running: list[Broker] = []
+    path: Path | None = getattr(args, "config", None)
+    # Made before the file is loaded, so the content it starts from is not newer than the one in force.
+    watch = PolicyFileWatch(path, lambda: _reload_policy(running, lambda: _load(args))) if path else None
     config = _load(args)
     from server.logging import configure_logging
 
     configure_logging(config.logging.level, file=config.logging.file)
     prepare_embedded_defaults(config, os.environ)
-    asyncio.run(_run(config, lambda: _load(args)))
+    if config.policy.watch_interval_seconds <= 0:
+        watch = None  # 0 turns the watch off; SIGHUP still reloads
+    asyncio.run(_run(config, lambda: _load(args), watch=watch, running=running))
     return 0
 
 
-async def _run(config: Config, reload: Callable[[], Config] | None = None) -> None:
+async def _run(
+    config: Config,
+    reload: Callable[[], Config] | None = None,
+    *,
+    watch: PolicyFileWatch | None = None,
+    running: list[Broker] | None = None,
+) -> None:
     from server.app import start
 
     # Handlers first: a SIGTERM that arrives while starting up, or just after the banner, still shuts down cleanly.
@@ -156,13 +171,18 @@ async def _run(config: Config, reload: Callable[[], Config] | None = None) -> No
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running: list[Broker] = []
+    running = running if running is not None else []
     # SIGHUP reloads [policy] from the same file, environment and flags; its default action would end the process.
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_policy(running, reload))
     broker = await start(config, environ=os.environ)
     running.append(broker)
+    if watch is not None:
+        # The file watch reloads the same way when the config file changes ([policy] watch_interval_seconds).
+        watch.start(config.policy.watch_interval_seconds)
     _print_banner(config, broker.port)
     await stop.wait()
+    if watch is not None:
+        await watch.stop()
     await broker.stop()
 
 

@@ -244,9 +244,13 @@ class PolicyCap:
 @dataclass(frozen=True)
 class PolicyConfig:
     """Who may call what, which tenant each identity acts for, and what it may do at most. No rule → deny, except
-    the dev default when the dev PKI is in use. Reloaded on SIGHUP (server.domain.policy checks it)."""
+    the dev default when the dev PKI is in use. Reloaded on SIGHUP and when the config file changes on disk
+    (server.domain.policy checks it; server.policy_watch watches the file)."""
 
     rules: tuple[PolicyRule, ...] = ()
+    # How often the running broker (`mailbroker serve --config FILE`) looks at FILE and reloads the policy when it
+    # changed, as SIGHUP does; 0 = no watch. Read at start-up.
+    watch_interval_seconds: float = 2.0
     # Identities that may list every tenant's audit events (ListAuditEvents with all_tenants).
     auditors: tuple[str, ...] = ()
     # Identity → tenant; an identity no entry matches is a tenant of its own.
@@ -480,6 +484,8 @@ def _validate(config: Config) -> None:
         raise ConfigurationError(
             "config: erasure.needs_reauth_erase_after_days must be >= 0 and erasure.sweep_interval_seconds positive"
         )
+    if config.policy.watch_interval_seconds < 0:
+        raise ConfigurationError("config: policy.watch_interval_seconds must be >= 0 (0 turns the file watch off)")
     for i, rule in enumerate(config.policy.rules):
         if not rule.identities or not rule.methods:
             raise ConfigurationError(f"config: policy.rules[{i}] needs identities and methods")

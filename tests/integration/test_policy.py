@@ -1,5 +1,5 @@
-"""The policy: tenant mapping, capability caps, auditors, tokens bound to the tenant, reload in a live broker and by
-SIGHUP in a `mailbroker serve` process."""
+"""The policy: tenant mapping, capability caps, auditors, tokens bound to the tenant, reload in a live broker, by
+SIGHUP and by the config file watch in a `mailbroker serve` process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -350,10 +351,11 @@ async def test_reload_puts_a_new_policy_in_force_and_a_bad_one_leaves_the_old(te
         assert (error.code(), error_reason(error)) == (grpc.StatusCode.PERMISSION_DENIED, "IDENTITY_TENANT_CONFLICT")
 
 
-# SIGHUP on a `mailbroker serve` process
+# SIGHUP and the file watch on a `mailbroker serve` process
 
 
-def _toml(pki: TestPki, data: Path, log: Path, policy: str) -> str:
+def _toml(pki: TestPki, data: Path, log: Path, policy: str, *, watch: float = 0) -> str:
+    """A config with ``policy`` (``[[policy....]]`` tables); ``watch`` is [policy] watch_interval_seconds."""
     return f"""data_dir = "{data}"
 [server]
 listen = "127.0.0.1:0"
@@ -363,7 +365,39 @@ key = "{pki.server.key}"
 client_ca = "{pki.ca}"
 [logging]
 file = "{log}"
+[policy]
+watch_interval_seconds = {watch}
 {policy}"""
+
+
+def _conflicting_tenants(identity: str) -> str:
+    """A policy that does not hold: one identity mapped to two tenants."""
+    return (
+        _rules(identity)
+        + f'[[policy.tenants]]\ntenant = "t"\nidentities = ["{identity}"]\n'
+        + f'[[policy.tenants]]\ntenant = "u"\nidentities = ["{identity}"]\n'
+    )
+
+
+@contextmanager
+def _serving(config: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`mailbroker serve --config config` and its target; ended with SIGTERM (it must exit 0)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        assert banner.startswith("mailbroker is serving on "), "the broker did not start"
+        yield process, banner.split()[4]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def _rules(*identities: str) -> str:
@@ -412,18 +446,8 @@ def test_sighup_reloads_the_policy_and_a_broken_file_is_refused_in_one_line(tmp_
     pki = make_test_pki(tmp_path)
     data, log, config = tmp_path / "var", tmp_path / "broker.log", tmp_path / "mailbroker.toml"
     data.mkdir()
-    config.write_text(_toml(pki, data, log, _rules(pki.alice.identity)))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
-        assert banner.startswith("mailbroker is serving on "), "the broker did not start"
-        target = banner.split()[4]
+    config.write_text(_toml(pki, data, log, _rules(pki.alice.identity)))  # no file watch: only the signal reloads
+    with _serving(config) as (process, target):
         assert _list_accounts(pki, target, "alice") == (grpc.StatusCode.OK, "")
         assert _list_accounts(pki, target, "bob") == (grpc.StatusCode.PERMISSION_DENIED, "IDENTITY_NOT_ALLOWED")
 
@@ -434,13 +458,8 @@ def test_sighup_reloads_the_policy_and_a_broken_file_is_refused_in_one_line(tmp_
         assert _list_accounts(pki, target, "alice") == (grpc.StatusCode.PERMISSION_DENIED, "IDENTITY_NOT_ALLOWED")
 
         # Broken two ways in turn: not TOML, then a policy that does not hold. Each refused, bob's policy stays.
-        for broken in (
-            "[policy\n",
-            _rules(pki.alice.identity)
-            + f'[[policy.tenants]]\ntenant = "t"\nidentities = ["{pki.alice.identity}"]\n'
-            + f'[[policy.tenants]]\ntenant = "u"\nidentities = ["{pki.alice.identity}"]\n',
-        ):
-            config.write_text(_toml(pki, data, log, broken) if broken.startswith("[[") else broken)
+        for broken in ("[policy\n", _toml(pki, data, log, _conflicting_tenants(pki.alice.identity))):
+            config.write_text(broken)
             refused = len([e for e in _events(log) if e.get("event") == "policy_reload_refused"]) + 1
             process.send_signal(signal.SIGHUP)
             line = _wait_for_event(log, "policy_reload_refused", refused)[-1]
@@ -450,8 +469,45 @@ def test_sighup_reloads_the_policy_and_a_broken_file_is_refused_in_one_line(tmp_
             assert _list_accounts(pki, target, "bob") == (grpc.StatusCode.OK, "")
             assert _list_accounts(pki, target, "alice")[1] == "IDENTITY_NOT_ALLOWED"
         assert process.poll() is None
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        if process.stdout is not None:
-            process.stdout.close()
+
+
+def _count(log: Path, event: str) -> int:
+    return len([e for e in _events(log) if e.get("event") == event])
+
+
+def test_a_changed_config_file_reloads_the_policy_without_a_signal_and_a_broken_one_is_refused_once(
+    tmp_path: Path,
+) -> None:
+    pki = make_test_pki(tmp_path)
+    data, log, config = tmp_path / "var", tmp_path / "broker.log", tmp_path / "mailbroker.toml"
+    data.mkdir()
+    watch = 0.1  # the test's poll interval; every wait below is for a log line, with a generous overall timeout
+    config.write_text(_toml(pki, data, log, _rules(pki.alice.identity), watch=watch))
+    with _serving(config) as (process, target):
+        assert _list_accounts(pki, target, "alice") == (grpc.StatusCode.OK, "")
+        assert _list_accounts(pki, target, "bob") == (grpc.StatusCode.PERMISSION_DENIED, "IDENTITY_NOT_ALLOWED")
+
+        config.write_text(_toml(pki, data, log, _rules(pki.bob.identity), watch=watch))
+        _wait_for_event(log, "policy_reloaded", 1)
+        assert _list_accounts(pki, target, "bob") == (grpc.StatusCode.OK, "")
+        assert _list_accounts(pki, target, "alice") == (grpc.StatusCode.PERMISSION_DENIED, "IDENTITY_NOT_ALLOWED")
+
+        # A policy that does not hold, then a file that is not TOML: each refused in one line, bob's policy stays.
+        for refused, broken in enumerate(
+            (_toml(pki, data, log, _conflicting_tenants(pki.alice.identity), watch=watch), "[policy\n"), start=1
+        ):
+            config.write_text(broken)
+            line = _wait_for_event(log, "policy_reload_refused", refused)[-1]
+            message = str(line["msg"])
+            assert message.startswith("policy reload refused, the previous policy stays in force: ")
+            assert "\n" not in message and "spiffe://" not in message and "exc" not in line
+            assert _list_accounts(pki, target, "bob") == (grpc.StatusCode.OK, "")
+            assert _list_accounts(pki, target, "alice")[1] == "IDENTITY_NOT_ALLOWED"
+
+        # Fixed again: reloaded. The broken files, polled many times meanwhile, were refused once each.
+        config.write_text(_toml(pki, data, log, _rules(pki.alice.identity), watch=watch))
+        _wait_for_event(log, "policy_reloaded", 2)
+        assert _list_accounts(pki, target, "alice") == (grpc.StatusCode.OK, "")
+        assert _count(log, "policy_reload_refused") == 2
+        assert _count(log, "policy_file_changed") == 4
+        assert process.poll() is None
