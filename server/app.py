@@ -41,12 +41,14 @@ from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.limits import LimitsInterceptor
+from server.metrics import Metrics
 from server.providers.google.gmail import GmailSettings
 from server.providers.google.oauth import GoogleOAuth
 from server.providers.imap.driver import ImapSettings
 from server.providers.imap.network import NetworkGuard
 from server.providers.microsoft.graph import GraphSettings
 from server.providers.microsoft.oauth import MicrosoftOAuth, microsoft_revoker
+from server.providers.stats import ProviderStats
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.migrate import upgrade
@@ -128,6 +130,8 @@ class Broker:
     auto_eraser: AutoEraser | None = None
     closers: tuple[Callable[[], None], ...] = ()  # run last, after the thread pools stopped
     policy: LivePolicy | None = None
+    metrics: Metrics | None = None
+    metrics_port: int | None = None  # the /metrics port, when [metrics] listen is set
 
     def reload_policy(self, config: Config) -> None:
         """Put ``config``'s policy in force for the calls that start from now on; ConfigurationError (and the old
@@ -151,6 +155,8 @@ class Broker:
             pool.shutdown()
         for close in self.closers:
             close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         log.info("stopped", extra={"event": "shutdown"})
 
     async def wait(self) -> None:
@@ -161,6 +167,9 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     """Open the store, build the services and start serving on ``config.server.listen`` with mTLS."""
     keyring = keyring or load_keyring(config.keyring_file, environ or {})
     credentials = server_credentials(config)
+    config.metrics.validate()  # a Config built in code has not been through load()
+    metrics = Metrics() if config.metrics.listen else None
+    provider_stats = ProviderStats()  # provider calls, errors and retries, counted by every driver
     engine = create_engine(config.store_url)
     upgrade(engine)
     store = Store(engine, keyring, audit_anchor=AuditAnchor(config.audit_anchor_file, keyring))
@@ -176,10 +185,11 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         pool_size=config.imap.pool_size,
         timeout_seconds=config.imap.timeout_seconds,
         guard=NetworkGuard.from_config(config.imap.allowed_networks),
+        stats=provider_stats,
     )
     accounts = Accounts(store, blocking, tokens)
     feeds = FeedHub()
-    oauth_clients, gmail_settings, graph_settings = _oauth_clients(config)
+    oauth_clients, gmail_settings, graph_settings = _oauth_clients(config, provider_stats)
     access_tokens = AccessTokens(
         store,
         blocking,
@@ -228,11 +238,20 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         max_watches_per_account=config.limits.max_watches_per_account,
     )
     imap_accounts = ImapAccounts(store, blocking, providers, imap_settings)
+    if metrics is not None:
+        metrics.watch(
+            providers=provider_stats,
+            tokens=access_tokens,
+            feeds=feeds,
+            mailboxes=mailboxes,
+            drivers=drivers,
+            pools={"store": blocking, "provider": providers},
+        )
 
     draining = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
-            AccessLogInterceptor(),
+            AccessLogInterceptor(metrics),
             AuthenticationInterceptor(policy),
             AuthorizationInterceptor(policy),
             DrainingInterceptor(draining),
@@ -261,6 +280,14 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         port = 0
     if port == 0:
         raise ConfigurationError(f"cannot listen on {config.server.listen} (address in use or not available)")
+    metrics_port = None
+    if metrics is not None:
+        try:
+            metrics_port = metrics.serve(config.metrics.listen)
+        except ConfigurationError:
+            await server.stop(None)
+            raise
+        log.info("metrics", extra={"event": "metrics_serving", "port": metrics_port})
     await server.start()
     auto_eraser = _start_auto_eraser(config, store, erasure, blocking)
     for name in ("", *SERVICE_NAMES):
@@ -278,11 +305,13 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         auto_eraser,
         closers=tuple(client.close for client in oauth_clients.values()),
         policy=policy,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
 
 
 def _oauth_clients(
-    config: Config,
+    config: Config, stats: ProviderStats
 ) -> tuple[dict[Provider, OAuthClient], GmailSettings | None, GraphSettings | None]:
     """The OAuth clients of the configured providers (none configured: only IMAP accounts are offered)."""
     clients: dict[Provider, OAuthClient] = {}
@@ -296,6 +325,7 @@ def _oauth_clients(
             timeout_seconds=config.google.timeout_seconds,
             max_retry_seconds=config.google.max_retry_seconds,
             history_poll_seconds=config.google.history_poll_seconds,
+            stats=stats,
         )
     if config.microsoft.enabled:
         clients[Provider.MICROSOFT] = MicrosoftOAuth(config.microsoft)
@@ -305,6 +335,7 @@ def _oauth_clients(
             timeout_seconds=config.microsoft.timeout_seconds,
             max_retry_seconds=config.microsoft.max_retry_seconds,
             delta_poll_seconds=config.microsoft.delta_poll_seconds,
+            stats=stats,
         )
     return clients, gmail, graph
 

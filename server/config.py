@@ -278,6 +278,41 @@ class ErasureConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: /metrics over plain HTTP on a port of its own. Empty listen → off (the default)."""
+
+    listen: str = ""
+    # The endpoint has no authentication (its labels carry no personal data, but counts and pool sizes are still
+    # nobody else's business): an address other than loopback must be asked for.
+    allow_non_loopback: bool = False
+
+    def validate(self) -> None:
+        """ConfigurationError unless ``listen`` is empty or HOST:PORT on loopback (or non-loopback is allowed). Also
+        run by start-up, for configs built in code rather than loaded."""
+        if not self.listen:
+            return
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigurationError(f"config: metrics.listen must be HOST:PORT, got {self.listen!r}")
+        if not self.allow_non_loopback and not _is_loopback(host):
+            raise ConfigurationError(
+                f"config: metrics.listen {self.listen!r} is not a loopback address and the endpoint has no "
+                "authentication; set metrics.allow_non_loopback = true to serve it there"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP literal; any other name cannot be known to stay on this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = DEFAULT_DATA_DIR
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -291,6 +326,7 @@ class Config:
     mail: MailConfig = field(default_factory=MailConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     google: GoogleConfig = field(default_factory=GoogleConfig)
     microsoft: MicrosoftConfig = field(default_factory=MicrosoftConfig)
@@ -480,6 +516,7 @@ def _validate(config: Config) -> None:
                 raise ConfigurationError(f"config: microsoft.{name} must be an https:// URL")
         if not microsoft.authority or not all(c.isalnum() or c in "-._" for c in microsoft.authority):
             raise ConfigurationError("config: microsoft.authority must be common, organizations or a tenant id")
+    config.metrics.validate()
     if config.erasure.needs_reauth_erase_after_days < 0 or config.erasure.sweep_interval_seconds <= 0:
         raise ConfigurationError(
             "config: erasure.needs_reauth_erase_after_days must be >= 0 and erasure.sweep_interval_seconds positive"

@@ -17,7 +17,13 @@ class BlockingPool:
     """Runs blocking callables in at most ``threads`` threads and awaits their results."""
 
     def __init__(self, threads: int, name: str = "mailbroker-blocking") -> None:
+        self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    @property
+    def queued(self) -> int:
+        """Work waiting for a free thread (for metrics: read when scraped, so the calls themselves pay nothing)."""
+        return self._executor._work_queue.qsize()
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.submit(fn, *args, **kwargs)

@@ -13,6 +13,7 @@ from server.errors import FailedPrecondition
 from server.providers.base import MailDriver
 from server.providers.google.gmail import GmailDriver, GmailSettings
 from server.providers.imap.driver import ImapDriver, ImapSettings
+from server.providers.imap.pool import ImapPool
 from server.providers.microsoft.graph import GraphDriver, GraphSettings
 from server.store.repository import Store
 
@@ -82,6 +83,11 @@ class Drivers:
         if cached is not None:
             await cached[1].close()
         return driver
+
+    def imap_pools(self) -> list[ImapPool]:
+        """The connection pools of the IMAP accounts in use (for metrics, from the scrape's thread: the values are
+        copied in one C call)."""
+        return [driver.pool for _, driver in list(self._drivers.values()) if isinstance(driver, ImapDriver)]
 
     async def evict(self, account_id: str) -> None:
         """Close and forget an account's driver (erasure, re-authentication)."""

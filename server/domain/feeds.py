@@ -264,7 +264,13 @@ class FeedHub:
 
     @property
     def watched_accounts(self) -> int:
-        return len({account for account, _ in self._running})
+        # list() copies the keys in one C call: the metrics endpoint asks from its own thread.
+        return len({account for account, _ in list(self._running)})
+
+    @property
+    def watchers(self) -> int:
+        """Upstream watchers running, one per watched (account, folder)."""
+        return len(self._running)
 
     def subscribe(
         self,

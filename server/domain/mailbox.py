@@ -89,6 +89,12 @@ class Mailboxes:
         self._blocking = blocking
         self._message_id_domain = message_id_domain
 
+    @property
+    def open_feeds(self) -> int:
+        """Open WatchMailbox feeds (read by the metrics endpoint from its own thread: one C-level sum, no iteration
+        in Python that a change on the event loop could interrupt)."""
+        return sum(self._watches.values())
+
     async def list_folders(
         self, principal: Principal, account_id: str, page_size: int, page_token: str
     ) -> tuple[list[Folder], str]:

@@ -30,6 +30,9 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
+    def unhandled(self) -> None:
+        """A call to a path the server has no method for (gRPC answers UNIMPLEMENTED; no handler runs)."""
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
@@ -37,6 +40,7 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
+            self.unhandled()
             return handler
         method = handler_call_details.method
         cached = self._wrapped.get(method)

@@ -22,7 +22,7 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,6 +62,7 @@ from server.errors import (
 from server.providers import mime
 from server.providers.base import ATTACHMENT_CHUNK_BYTES, DriverCapabilities
 from server.providers.mime import BuiltMessage
+from server.providers.stats import GOOGLE, ProviderStats
 
 if TYPE_CHECKING:
     from server.providers.google.history import AccountHistory
@@ -102,6 +103,7 @@ class GmailSettings:
     timeout_seconds: float = 30.0
     max_retry_seconds: float = 20.0
     history_poll_seconds: float = 10.0
+    stats: ProviderStats = field(default_factory=ProviderStats, compare=False)  # read by the metrics endpoint
 
 
 _services: dict[str, Any] = {}
@@ -285,6 +287,18 @@ class GmailDriver:
         sending: bool = False,
         invalid: BrokerError | None = None,
     ) -> Any:
+        """One Gmail call, its retries included, counted for the metrics (see :meth:`_call_retrying`)."""
+        with self._settings.stats.counting(GOOGLE):
+            return await self._call_retrying(make, not_found=not_found, sending=sending, invalid=invalid)
+
+    async def _call_retrying(
+        self,
+        make: Callable[[Any], HttpRequest],
+        *,
+        not_found: str = "NOT_FOUND",
+        sending: bool = False,
+        invalid: BrokerError | None = None,
+    ) -> Any:
         """``invalid``: what a 400 means when the call names a resource by an id the caller gave (Gmail answers
         "Invalid id value" for an id it cannot parse)."""
         loop = asyncio.get_running_loop()
@@ -308,6 +322,7 @@ class GmailDriver:
                     # the grant is refused too; only the next refresh then learns (invalid_grant) that it is gone.
                     self._tokens.invalidate(token)
                     refreshes += 1
+                    self._settings.stats.retry(GOOGLE)
                     continue
                 error = _map_http_error(exc, not_found, sending=sending)
                 if status == 400 and invalid is not None:
@@ -322,6 +337,7 @@ class GmailDriver:
                 if loop.time() + delay > give_up:
                     error.retry_after = asked  # the caller learns (RetryInfo) how long Google asked to wait
                     raise error from None
+                self._settings.stats.retry(GOOGLE)
                 await asyncio.sleep(delay)
             except (OSError, ssl.SSLError, httplib2.HttpLib2Error, TimeoutError) as exc:
                 refused = _connection_refused(exc)
@@ -330,6 +346,7 @@ class GmailDriver:
                     raise OutcomeUnknown("the connection to the provider failed while sending") from None
                 if attempt > CONNECT_RETRIES or loop.time() > give_up:
                     raise ProviderUnavailable("the provider cannot be reached", reason="PROVIDER_UNREACHABLE") from None
+                self._settings.stats.retry(GOOGLE)
                 await asyncio.sleep(0.1 * attempt)
 
     # -- folders ---------------------------------------------------------------------------------------------------

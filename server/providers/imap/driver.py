@@ -47,6 +47,7 @@ from server.providers.imap.connection import (
 from server.providers.imap.feed import FolderWatcher
 from server.providers.imap.network import NetworkGuard
 from server.providers.imap.pool import ImapPool, ImapSession, close_orphan
+from server.providers.stats import IMAP, SMTP, ProviderStats
 
 log = logging.getLogger("mailbroker.imap")
 
@@ -82,6 +83,7 @@ class ImapSettings:
     timeout_seconds: float = 30.0
     # The SSRF guard every IMAP and SMTP connection goes through (config [imap] allowed_networks).
     guard: NetworkGuard = field(default_factory=NetworkGuard)
+    stats: ProviderStats = field(default_factory=ProviderStats, compare=False)  # read by the metrics endpoint
 
 
 CAPABILITIES = DriverCapabilities(
@@ -125,6 +127,7 @@ class ImapDriver:
             blocking,
             size=settings.pool_size,
             command_timeout=settings.timeout_seconds,
+            stats=settings.stats,
         )
         self._sent_folder: str | None = None
 
@@ -137,21 +140,23 @@ class ImapDriver:
     async def verify(self, smtp: bool, timeout: float) -> None:
         """Log in to IMAP (and SMTP when asked) once, without retries, and log out again."""
         assert self._profile.imap_server is not None
-        opening = self._blocking.submit(
-            open_imap, self._profile.imap_server, self._credentials, self._tls, timeout, self._settings.guard
-        )
-        try:
-            client = await asyncio.shield(opening)
-        except asyncio.CancelledError:  # the caller's deadline: the login may still succeed, and is then undone
-            opening.add_done_callback(functools.partial(close_orphan, self._blocking))
-            raise
-        await self._blocking.run(close_imap, client)
+        with self._settings.stats.counting(IMAP):
+            opening = self._blocking.submit(
+                open_imap, self._profile.imap_server, self._credentials, self._tls, timeout, self._settings.guard
+            )
+            try:
+                client = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the caller's deadline: the login may still succeed, and is then undone
+                opening.add_done_callback(functools.partial(close_orphan, self._blocking))
+                raise
+            await self._blocking.run(close_imap, client)
         if smtp:
             assert self._profile.smtp_server is not None
-            session = await self._blocking.run(
-                open_smtp, self._profile.smtp_server, self._credentials, self._tls, timeout, self._settings.guard
-            )
-            await self._blocking.run(close_smtp, session)
+            with self._settings.stats.counting(SMTP):
+                session = await self._blocking.run(
+                    open_smtp, self._profile.smtp_server, self._credentials, self._tls, timeout, self._settings.guard
+                )
+                await self._blocking.run(close_smtp, session)
 
     # Folders
 
@@ -246,7 +251,8 @@ class ImapDriver:
             finally:
                 close_smtp(session)
 
-        await self._blocking.run(submit)
+        with self._settings.stats.counting(SMTP):
+            await self._blocking.run(submit)
         sent_at = datetime.now(UTC)
         copy_id = ""
         try:

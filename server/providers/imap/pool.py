@@ -26,6 +26,7 @@ from server.providers.imap.connection import (
     provider_errors,
     set_command_timeout,
 )
+from server.providers.stats import IMAP, ProviderStats
 
 log = logging.getLogger("mailbroker.imap.pool")
 
@@ -109,8 +110,10 @@ class ImapPool:
         backoff: float = 0.2,
         backoff_cap: float = 2.0,
         command_timeout: float | None = None,
+        stats: ProviderStats | None = None,
     ) -> None:
         self._connect = connect
+        self._stats = stats if stats is not None else ProviderStats()
         self._command_timeout = command_timeout
         self._blocking = blocking
         self._slots = asyncio.Semaphore(size)
@@ -122,6 +125,7 @@ class ImapPool:
         self._closed = False
         self._retiring: set[asyncio.Task[None]] = set()
         self.opened = 0  # connections opened over the pool's life (for tests and metrics)
+        self.in_use = 0  # slots held: connections lent out or being opened (for metrics)
 
     @property
     def idle(self) -> int:
@@ -143,6 +147,7 @@ class ImapPool:
                     raise
                 delay = min(self._backoff_cap, self._backoff * 2 ** (attempt - 1))
                 log.info("imap connect retry", extra={"attempt": attempt, "component": "imap"})
+                self._stats.retry(IMAP)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
                 continue
             self.opened += 1
@@ -173,22 +178,26 @@ class ImapPool:
         (a deadline, a client gone), the worker thread still holds the connection: it is discarded, and its slot
         freed, once that thread is done, so no two threads ever share an IMAP connection.
         """
-        try:
-            return await self._run_once(fn)
-        except ConnectionLost:
-            # A pooled connection can die between uses (a server restart, an idle timeout, a folder deleted
-            # under it); one retry on a fresh connection hides that. Not for operations that must not repeat.
-            if not retry_lost:
-                raise
-            return await self._run_once(fn)
+        with self._stats.counting(IMAP):
+            try:
+                return await self._run_once(fn)
+            except ConnectionLost:
+                # A pooled connection can die between uses (a server restart, an idle timeout, a folder deleted
+                # under it); one retry on a fresh connection hides that. Not for operations that must not repeat.
+                if not retry_lost:
+                    raise
+                self._stats.retry(IMAP)
+                return await self._run_once(fn)
 
     async def _run_once(self, fn: Callable[[ImapSession], T]) -> T:
         if self._closed:
             raise ProviderUnavailable("the account's connections are closed", reason="ACCOUNT_CLOSED")
         await self._slots.acquire()
+        self.in_use += 1
         try:
             session = await self._checkout()
         except BaseException:
+            self.in_use -= 1
             self._slots.release()
             raise
         work = self._blocking.submit(_guarded, fn, session, self._command_timeout)
@@ -221,6 +230,7 @@ class ImapPool:
             else:
                 self._idle.append(session)
         finally:
+            self.in_use -= 1
             self._slots.release()
 
     def _retire_later(self, session: ImapSession) -> None:

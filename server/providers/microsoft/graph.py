@@ -22,7 +22,7 @@ import logging
 import random
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -63,6 +63,7 @@ from server.providers import mime
 from server.providers.base import ATTACHMENT_CHUNK_BYTES, DriverCapabilities
 from server.providers.http import ThreadSessions
 from server.providers.mime import BuiltMessage
+from server.providers.stats import MICROSOFT, ProviderStats
 
 if TYPE_CHECKING:
     from server.providers.microsoft.delta import AccountDelta
@@ -117,6 +118,7 @@ class GraphSettings:
     timeout_seconds: float = 30.0
     max_retry_seconds: float = 20.0
     delta_poll_seconds: float = 10.0
+    stats: ProviderStats = field(default_factory=ProviderStats, compare=False)  # read by the metrics endpoint
 
 
 # -- ids ------------------------------------------------------------------------------------------------------------
@@ -309,6 +311,33 @@ class GraphDriver:
         invalid: BrokerError | None = None,
         stream: bool = False,
     ) -> requests.Response:
+        """One Graph call, its retries included, counted for the metrics (see :meth:`_request_retrying`)."""
+        with self._settings.stats.counting(MICROSOFT):
+            return await self._request_retrying(
+                method,
+                url,
+                params=params,
+                headers=headers,
+                data=data,
+                not_found=not_found,
+                sending=sending,
+                invalid=invalid,
+                stream=stream,
+            )
+
+    async def _request_retrying(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        not_found: str = "NOT_FOUND",
+        sending: bool = False,
+        invalid: BrokerError | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
         """A successful response. With ``stream`` the caller owns one of the mailbox's request slots until it calls
         :meth:`_release` (the body is still being read)."""
         loop = asyncio.get_running_loop()
@@ -335,6 +364,7 @@ class GraphDriver:
                     raise OutcomeUnknown("the connection to the provider failed while sending") from None
                 if attempt > CONNECT_RETRIES or loop.time() > give_up:
                     raise ProviderUnavailable("the provider cannot be reached", reason="PROVIDER_UNREACHABLE") from None
+                self._settings.stats.retry(MICROSOFT)
                 await asyncio.sleep(0.1 * attempt)
                 continue
             finally:
@@ -346,6 +376,7 @@ class GraphDriver:
             if status == 401 and not refreshed:
                 self._tokens.invalidate(token)
                 refreshed = True
+                self._settings.stats.retry(MICROSOFT)
                 continue
             if status == 400 and invalid is not None and _error_code(response).lower() in _INVALID_ID_CODES:
                 raise invalid
@@ -358,6 +389,7 @@ class GraphDriver:
                 delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())  # noqa: S311 - jitter
             if loop.time() + delay > give_up:
                 raise error
+            self._settings.stats.retry(MICROSOFT)
             await asyncio.sleep(delay)
 
     def _release(self) -> None:
