@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from mailbroker.v1 import account_service_pb2, account_service_pb2_grpc, mail_service_pb2, mail_service_pb2_grpc
+from sqlalchemy.engine import Engine
 
 from server.api.accounts import AccountServicer
 from server.api.mail import MailServicer
@@ -34,7 +35,7 @@ from server.domain.models import AccountState, Provider
 from server.domain.oauth import OAuthClient, OAuthFlows, provider_revoker
 from server.domain.policy import LivePolicy, Policy
 from server.domain.tokens import AccessTokens, needs_reauth
-from server.errors import ConfigurationError
+from server.errors import ConfigurationError, NotFound
 from server.interceptors.access_log import AccessLogInterceptor
 from server.interceptors.authentication import AuthenticationInterceptor
 from server.interceptors.authorization import AuthorizationInterceptor
@@ -49,6 +50,7 @@ from server.providers.imap.network import NetworkGuard
 from server.providers.microsoft.graph import GraphSettings
 from server.providers.microsoft.oauth import MicrosoftOAuth, microsoft_revoker
 from server.providers.stats import ProviderStats
+from server.store import fleet
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.migrate import upgrade
@@ -163,6 +165,15 @@ class Broker:
         await self.server.wait_for_termination()
 
 
+# What SCRUB_STORAGE DONE means, by database (see server.store.engine.checkpoint_and_vacuum).
+SCRUB_DETAILS = {
+    "sqlite": "deleted rows zeroed (secure_delete) and the write-ahead log emptied",
+    "postgresql": "rows deleted and vacuumed; what PostgreSQL may keep of them (free space, WAL, backups) is "
+    "ciphertext under the account's data key, left only wrapped by the current KEK: rotating and retiring that KEK "
+    "version completes the erasure (crypto-shredding)",
+}
+
+
 async def start(config: Config, *, environ: Mapping[str, str] | None = None, keyring: Keyring | None = None) -> Broker:
     """Open the store, build the services and start serving on ``config.server.listen`` with mTLS."""
     keyring = keyring or load_keyring(config.keyring_file, environ or {})
@@ -224,7 +235,14 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         # Microsoft has no per-app revocation: the receipt says so, and where the user removes the app.
         revokers[Provider.MICROSOFT] = microsoft_revoker(access_tokens)
     erasure = Erasure(
-        store, accounts, blocking, drivers, feeds, scrub=lambda: checkpoint_and_vacuum(engine), revokers=revokers
+        store,
+        accounts,
+        blocking,
+        drivers,
+        feeds,
+        scrub=lambda: checkpoint_and_vacuum(engine),
+        revokers=revokers,
+        scrub_detail=SCRUB_DETAILS.get(engine.dialect.name, ""),
     )
     mailboxes = Mailboxes(
         accounts,
@@ -288,6 +306,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
             await server.stop(None)
             raise
         log.info("metrics", extra={"event": "metrics_serving", "port": metrics_port})
+    fleet_listener = _start_fleet_listener(engine, store, access_tokens, feeds, drivers)
     await server.start()
     auto_eraser = _start_auto_eraser(config, store, erasure, blocking)
     for name in ("", *SERVICE_NAMES):
@@ -303,7 +322,10 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         drivers,
         feeds,
         auto_eraser,
-        closers=tuple(client.close for client in oauth_clients.values()),
+        closers=(
+            *(client.close for client in oauth_clients.values()),
+            *(() if fleet_listener is None else (fleet_listener.stop,)),
+        ),
         policy=policy,
         metrics=metrics,
         metrics_port=metrics_port,
@@ -359,3 +381,48 @@ def _start_auto_eraser(config: Config, store: Store, erasure: Erasure, blocking:
     )
     eraser.start()
     return eraser
+
+
+def _start_fleet_listener(
+    engine: Engine, store: Store, access_tokens: AccessTokens, feeds: FeedHub, drivers: Drivers
+) -> fleet.Listener | None:
+    """On PostgreSQL, listen to the other replicas: erasures end this replica's feeds and connections of the
+    account; refreshed access tokens join this replica's cache. None on SQLite (one process, nothing to hear)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    loop = asyncio.get_running_loop()
+    erased = NotFound("the account was erased", reason="ACCOUNT_ERASED")
+
+    async def forget(account_ids: set[str]) -> None:
+        for account_id in account_ids:
+            access_tokens.forget(account_id)
+            await feeds.close_account(account_id, erased)
+            await drivers.evict(account_id)
+
+    async def regranted(account_id: str) -> None:  # the old token and connections carry the old grant's scopes
+        access_tokens.forget(account_id)
+        await drivers.evict(account_id)
+
+    def deliver(message: fleet.Message) -> None:  # on the listener's thread
+        if isinstance(message, fleet.Erased):
+            store.forget_cached_accounts()
+            asyncio.run_coroutine_threadsafe(forget({message.account_id}), loop)
+            return
+        if isinstance(message, fleet.Regranted):
+            store.forget_cached_accounts()
+            asyncio.run_coroutine_threadsafe(regranted(message.account_id), loop)
+            return
+        opened = store.open_token(message)
+        if opened is not None:
+            access_tokens.accept(message.account_id, message.generation, *opened)
+
+    def on_connect() -> None:  # messages sent while not listening are lost: re-check what this replica holds
+        store.forget_cached_accounts()
+        watched = feeds.watched_account_ids()  # a copy taken in one C call: safe from this thread
+        gone = watched - store.existing_account_ids(watched)
+        if gone:
+            asyncio.run_coroutine_threadsafe(forget(gone), loop)
+
+    listener = fleet.Listener(engine.url, deliver, on_connect)
+    listener.start()
+    return listener

@@ -267,6 +267,9 @@ class FeedHub:
         # list() copies the keys in one C call: the metrics endpoint asks from its own thread.
         return len({account for account, _ in list(self._running)})
 
+    def watched_account_ids(self) -> set[str]:
+        return {account for account, _ in list(self._running)}
+
     @property
     def watchers(self) -> int:
         """Upstream watchers running, one per watched (account, folder)."""
