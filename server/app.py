@@ -42,6 +42,7 @@ from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.limits import LimitsInterceptor
+from server.interceptors.wrapping import Pipeline
 from server.metrics import Metrics
 from server.providers.google.gmail import GmailSettings
 from server.providers.google.oauth import GoogleOAuth
@@ -180,6 +181,24 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     credentials = server_credentials(config)
     config.metrics.validate()  # a Config built in code has not been through load()
     metrics = Metrics() if config.metrics.listen else None
+    # Bound first, before the gRPC server exists: a port in use must not leave a half-built server behind (gRPC's
+    # aio server, stopped before it ever started and then collected, crashed the process).
+    metrics_port = metrics.serve(config.metrics.listen) if metrics is not None else None
+    try:
+        return await _start(config, keyring, credentials, metrics, metrics_port)
+    except BaseException:
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
+        raise
+
+
+async def _start(
+    config: Config,
+    keyring: Keyring,
+    credentials: grpc.ServerCredentials,
+    metrics: Metrics | None,
+    metrics_port: int | None,
+) -> Broker:
     provider_stats = ProviderStats()  # provider calls, errors and retries, counted by every driver
     engine = create_engine(config.store_url)
     upgrade(engine)
@@ -269,15 +288,20 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
     draining = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
-            AccessLogInterceptor(metrics),
-            AuthenticationInterceptor(policy),
-            AuthorizationInterceptor(policy),
-            DrainingInterceptor(draining),
-            LimitsInterceptor(
-                max_calls=config.limits.max_concurrent_calls_per_identity,
-                max_streams=config.limits.max_streams_per_identity,
+            # One wrapper per call for all of these (see server.interceptors.wrapping.Pipeline), outermost first.
+            Pipeline(
+                [
+                    AccessLogInterceptor(metrics),
+                    AuthenticationInterceptor(policy),
+                    AuthorizationInterceptor(policy),
+                    LimitsInterceptor(
+                        max_calls=config.limits.max_concurrent_calls_per_identity,
+                        max_streams=config.limits.max_streams_per_identity,
+                    ),
+                    ErrorMappingInterceptor(default_deadline=config.limits.default_deadline_seconds),
+                ]
             ),
-            ErrorMappingInterceptor(default_deadline=config.limits.default_deadline_seconds),
+            DrainingInterceptor(draining),
         ],
         options=server_options(config),
     )
@@ -298,13 +322,7 @@ async def start(config: Config, *, environ: Mapping[str, str] | None = None, key
         port = 0
     if port == 0:
         raise ConfigurationError(f"cannot listen on {config.server.listen} (address in use or not available)")
-    metrics_port = None
-    if metrics is not None:
-        try:
-            metrics_port = metrics.serve(config.metrics.listen)
-        except ConfigurationError:
-            await server.stop(None)
-            raise
+    if metrics_port is not None:
         log.info("metrics", extra={"event": "metrics_serving", "port": metrics_port})
     fleet_listener = _start_fleet_listener(engine, store, access_tokens, feeds, drivers)
     await server.start()

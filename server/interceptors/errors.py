@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -62,16 +62,9 @@ class StreamAwareInterceptor(HandlerInterceptor):
         super().__init__()
         self._streaming: dict[str, bool] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await super().intercept_service(continuation, handler_call_details)
-        method = handler_call_details.method
-        if handler is not None and method not in self._streaming:  # registered methods only: a bounded set
-            self._streaming[method] = bool(handler.request_streaming or handler.response_streaming)
-        return handler
+    def prepare(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> None:
+        # Registered methods only: a bounded set.
+        self._streaming[method] = bool(handler.request_streaming or handler.response_streaming)
 
     def streams(self, method: str) -> bool:
         return self._streaming.get(method, False)

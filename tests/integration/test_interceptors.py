@@ -18,6 +18,7 @@ from server.interceptors.authorization import AuthorizationInterceptor
 from server.interceptors.context import current_principal
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.interceptors.wrapping import Pipeline
 from tests.broker import error_reason
 from tests.pki import TestPki, make_test_pki
 
@@ -39,20 +40,18 @@ async def explode(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -
     raise RuntimeError("canary-unexpected")
 
 
-@pytest.fixture
-async def served(tmp_path: Any) -> AsyncIterator[tuple[TestPki, str, asyncio.Event]]:
+@pytest.fixture(params=["one interceptor each", "pipeline"])
+async def served(tmp_path: Any, request: pytest.FixtureRequest) -> AsyncIterator[tuple[TestPki, str, asyncio.Event]]:
     pki = make_test_pki(tmp_path)
     policy = Policy.from_config(PolicyConfig(rules=(PolicyRule(identities=(pki.alice.identity,), methods=("*",)),)))
     draining = asyncio.Event()
-    server = grpc.aio.server(
-        interceptors=[
-            AccessLogInterceptor(),
-            AuthenticationInterceptor(policy),
-            AuthorizationInterceptor(policy),
-            DrainingInterceptor(draining),
-            ErrorMappingInterceptor(),
-        ]
+    steps = [AccessLogInterceptor(), AuthenticationInterceptor(policy), AuthorizationInterceptor(policy)]
+    interceptors: list[grpc.aio.ServerInterceptor] = (  # type: ignore[type-arg]
+        [*steps, DrainingInterceptor(draining), ErrorMappingInterceptor()]
+        if request.param == "one interceptor each"
+        else [Pipeline([*steps, ErrorMappingInterceptor()]), DrainingInterceptor(draining)]  # as the broker has them
     )
+    server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
