@@ -604,3 +604,21 @@ async def test_one_history_poller_serves_every_watched_label_of_an_account(
         inbox.cancel()
         starred.cancel()
     assert len(callers) == 1, "each label polled the account's history on its own"
+
+
+@pytest.mark.parametrize("error", ["invalid_client", "unauthorized_client"])
+async def test_a_refused_oauth_client_is_the_operators_problem_not_the_accounts(
+    google: GoogleSetup, error: str
+) -> None:
+    """invalid_client on refresh means the broker's client id or secret is wrong: every account would get it. The
+    account must not be marked NEEDS_REAUTH (nor, with automatic erasure on, erased later) for it."""
+    async with serving(google) as broker, broker.channel(broker.pki.alice) as channel:
+        accounts, mail = stubs(channel)
+        account = await _connect(accounts, google.emulator, [rpb.CAPABILITY_READ])
+        google.emulator.fail_next_token_requests(5, status=401, error=error, description="canary client refused")
+        refused = await _fails(mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10))
+        assert (refused.code(), error_reason(refused)) == (grpc.StatusCode.FAILED_PRECONDITION, "OAUTH_CLIENT_REJECTED")
+        state = await accounts.GetAccount(apb.GetAccountRequest(name=account.name), timeout=10)
+        assert state.state == rpb.ACCOUNT_STATE_ACTIVE
+        google.emulator.clear_faults()
+        await mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10)  # fixed: works again

@@ -294,9 +294,16 @@ def _error_code(response: requests.Response) -> str:
 
 def _refresh_error(exc: google.auth.exceptions.RefreshError) -> Exception:
     details = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
-    if details.get("error") in ("invalid_grant", "unauthorized_client", "invalid_client"):
+    code = details.get("error")
+    if code == "invalid_grant":
         # The user removed the app, changed the password, or the grant expired: only a new consent helps.
         return Unauthenticated("the provider refused the account's grant", reason="PROVIDER_AUTH_FAILED")
+    if code in ("invalid_client", "unauthorized_client"):
+        # The broker's own client (its id, secret or type) was refused: true of every account at once, and no user
+        # can fix it by consenting again. The account keeps its state; the operator fixes [google].
+        return FailedPrecondition(
+            "the broker's OAuth client was refused by the provider", reason="OAUTH_CLIENT_REJECTED"
+        )
     return ProviderUnavailable("the provider's token endpoint failed", reason="PROVIDER_ERROR")
 
 
