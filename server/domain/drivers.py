@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, Provider
 from server.domain.tokens import AccessTokens, AccountTokenSource
 from server.errors import FailedPrecondition
 from server.providers.base import MailDriver
-from server.providers.google.gmail import GmailDriver, GmailSettings
 from server.providers.imap.driver import ImapDriver, ImapSettings
 from server.providers.imap.pool import ImapPool
-from server.providers.microsoft.graph import GraphDriver, GraphSettings
 from server.store.repository import Store
+
+if TYPE_CHECKING:  # the drivers themselves are imported when first needed (see Drivers.get)
+    from server.providers.google.gmail import GmailSettings
+    from server.providers.microsoft.graph import GraphSettings
 
 
 class Drivers:
@@ -52,6 +54,10 @@ class Drivers:
                     raise FailedPrecondition(
                         "this provider is not configured on this broker", reason="PROVIDER_NOT_CONFIGURED"
                     )
+                # Imported here: googleapiclient, msal and requests cost tens of MiB that a broker without these
+                # providers never needs (server.app imports their OAuth clients the same way).
+                from server.providers.microsoft.graph import GraphDriver
+
                 graph: MailDriver = GraphDriver(AccountTokenSource(self._tokens, account), self._providers, self._graph)
                 self._drivers[account.id] = (account.update_time, graph)
                 if cached is not None:
@@ -62,6 +68,8 @@ class Drivers:
                     raise FailedPrecondition(
                         "this provider is not configured on this broker", reason="PROVIDER_NOT_CONFIGURED"
                     )
+                from server.providers.google.gmail import GmailDriver
+
                 gmail: MailDriver = GmailDriver(AccountTokenSource(self._tokens, account), self._providers, self._gmail)
                 self._drivers[account.id] = (account.update_time, gmail)
                 if cached is not None:
