@@ -83,19 +83,7 @@ class GmailBackend(Backend):
         self._emulator = emulator
         self._client = client
         self._blocking = BlockingPool(8, name="conformance-gmail")
-        config = GoogleConfig(
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            redirect_uris=(REDIRECT_URI,),
-            authorization_endpoint=emulator.authorize_url,
-            token_endpoint=emulator.token_url,
-            revoke_endpoint=emulator.revoke_url,
-            certs_url=emulator.certs_url,
-            issuers=(emulator.issuer,),
-            api_endpoint=emulator.gmail_api_endpoint,
-            ca_file=emulator.ca_path,
-            timeout_seconds=TIMEOUT_SECONDS,
-        )
+        config = emulator.broker_config(client, timeout_seconds=TIMEOUT_SECONDS)
         self._oauths: list[GoogleOAuth] = []
         self._oauth = self._oauth_client(config)
         self._settings = GmailSettings(

@@ -22,7 +22,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import Config, GoogleConfig, LimitsConfig, OAuthConfig
+from server.config import Config, LimitsConfig, OAuthConfig
 from server.providers.google.oauth import METADATA_SCOPE, READONLY_SCOPE, SEND_SCOPE
 from tests.broker import RunningBroker, broker_config, error_reason, rich_status, running_broker, stubs
 from tests.emulators.google import GoogleEmulator
@@ -54,20 +54,7 @@ def google(tmp_path: Path, pki: TestPki, google_emulator: GoogleEmulator) -> Goo
         broker_config(tmp_path, pki),
         # 100 concurrent calls from one identity (the single-flight test) are more than the default cap of 64.
         limits=LimitsConfig(max_concurrent_calls_per_identity=CONCURRENT_CALLS + 10),
-        google=GoogleConfig(
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            redirect_uris=(REDIRECT_URI,),
-            authorization_endpoint=google_emulator.authorize_url,
-            token_endpoint=google_emulator.token_url,
-            revoke_endpoint=google_emulator.revoke_url,
-            certs_url=google_emulator.certs_url,
-            issuers=(google_emulator.issuer,),
-            api_endpoint=google_emulator.gmail_api_endpoint,
-            ca_file=google_emulator.ca_path,
-            max_retry_seconds=5.0,
-            history_poll_seconds=0.2,
-        ),
+        google=google_emulator.broker_config(client, max_retry_seconds=5.0, history_poll_seconds=0.2),
     )
     return GoogleSetup(google_emulator, config, pki)
 

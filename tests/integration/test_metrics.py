@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import config as config_module
 from server.app import start
-from server.config import Config, GoogleConfig, MailConfig, MetricsConfig
+from server.config import Config, MailConfig, MetricsConfig
 from server.errors import ConfigurationError
 from server.metrics import Metrics, server_methods
 from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
@@ -321,19 +321,7 @@ async def test_token_refreshes_retries_and_provider_errors_by_provider(
     google_emulator.add_user(GMAIL_USER)
     config = dataclasses.replace(
         _metrics_config(broker_config(tmp_path, pki)),
-        google=GoogleConfig(
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            redirect_uris=(REDIRECT_URI,),
-            authorization_endpoint=google_emulator.authorize_url,
-            token_endpoint=google_emulator.token_url,
-            revoke_endpoint=google_emulator.revoke_url,
-            certs_url=google_emulator.certs_url,
-            issuers=(google_emulator.issuer,),
-            api_endpoint=google_emulator.gmail_api_endpoint,
-            ca_file=google_emulator.ca_path,
-            max_retry_seconds=5.0,
-        ),
+        google=google_emulator.broker_config(client, max_retry_seconds=5.0),
     )
     async with running_broker(config, pki) as broker, broker.channel(pki.alice) as channel:
         accounts, mail = stubs(channel)

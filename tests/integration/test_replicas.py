@@ -19,7 +19,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import Config, GoogleConfig, LimitsConfig, MailConfig
+from server.config import Config, LimitsConfig, MailConfig
 from server.crypto.keyring import load_keyring
 from server.store.engine import create_engine
 from server.store.repository import Store
@@ -128,19 +128,7 @@ def google_fleet_config(fleet_config: Config, google_emulator: GoogleEmulator) -
     google_emulator.add_user(USER)
     return dataclasses.replace(
         fleet_config,
-        google=GoogleConfig(
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            redirect_uris=(REDIRECT_URI,),
-            authorization_endpoint=google_emulator.authorize_url,
-            token_endpoint=google_emulator.token_url,
-            revoke_endpoint=google_emulator.revoke_url,
-            certs_url=google_emulator.certs_url,
-            issuers=(google_emulator.issuer,),
-            api_endpoint=google_emulator.gmail_api_endpoint,
-            ca_file=google_emulator.ca_path,
-            max_retry_seconds=5.0,
-        ),
+        google=google_emulator.broker_config(client, max_retry_seconds=5.0),
     )
 
 

@@ -26,7 +26,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import Config, GoogleConfig
+from server.config import Config
 from tests.broker import broker_config, error_reason, running_broker, stubs
 from tests.conformance.outlook_backend import REDIRECT_URI as OUTLOOK_REDIRECT_URI
 from tests.conformance.outlook_backend import microsoft_config
@@ -101,20 +101,7 @@ class Google:
         emulator.add_user(USER)
         return dataclasses.replace(
             config,
-            google=GoogleConfig(
-                client_id=client.client_id,
-                client_secret=client.client_secret,
-                redirect_uris=(REDIRECT_URI,),
-                authorization_endpoint=emulator.authorize_url,
-                token_endpoint=emulator.token_url,
-                revoke_endpoint=emulator.revoke_url,
-                certs_url=emulator.certs_url,
-                issuers=(emulator.issuer,),
-                api_endpoint=emulator.gmail_api_endpoint,
-                ca_file=emulator.ca_path,
-                max_retry_seconds=1.0,
-                history_poll_seconds=0.2,
-            ),
+            google=emulator.broker_config(client, max_retry_seconds=1.0, history_poll_seconds=0.2),
         )
 
     def consent(self, url: str) -> dict[str, str]:

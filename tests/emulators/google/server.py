@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httplib2
 
+from server.config import GoogleConfig
 from server.pki import issue_cert, new_ca
 from tests.emulators.google import batch, gmail, oauth
 from tests.emulators.google.discovery import gmail_methods
@@ -287,6 +288,23 @@ class GoogleEmulator:
         return self.state.issuer
 
     # ---- set-up -------------------------------------------------------------------------------------------------
+
+    def broker_config(self, client: Client, **settings: Any) -> GoogleConfig:
+        """The broker's ``[google]`` section for ``client`` of this emulator: every endpoint and the CA point here;
+        ``settings`` are further GoogleConfig fields (timeouts, poll intervals)."""
+        return GoogleConfig(
+            client_id=client.client_id,
+            client_secret=client.client_secret,
+            redirect_uris=client.redirect_uris,
+            authorization_endpoint=self.authorize_url,
+            token_endpoint=self.token_url,
+            revoke_endpoint=self.revoke_url,
+            certs_url=self.certs_url,
+            issuers=(self.issuer,),
+            api_endpoint=self.gmail_api_endpoint,
+            ca_file=self.ca_path,
+            **settings,
+        )
 
     def register_client(
         self,
