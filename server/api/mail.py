@@ -76,6 +76,7 @@ class MailServicer(mail_service_pb2_grpc.MailServiceServicer):
             internet_message_id=result.internet_message_id,
             send_time=convert.timestamp(result.send_time),
             replayed=replayed,
+            refused_recipients=result.refused_recipients,
         )
 
     async def WatchMailbox(self, request: pb.WatchMailboxRequest, context: Context) -> AsyncIterator[pb.MailboxEvent]:

@@ -139,6 +139,8 @@ class SendResult:
     internet_message_id: str
     send_time: datetime
     message_id: str = ""  # the sent copy, when the driver can name it
+    # Envelope recipients the server refused while accepting the others (SMTP): the message did not reach them.
+    refused_recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,7 @@ class Mailboxes:
                     internet_message_id=stored["internet_message_id"],
                     send_time=datetime.fromisoformat(stored["send_time"]),
                     message_id=stored["message_id"],
+                    refused_recipients=tuple(stored.get("refused_recipients", ())),
                 ),
                 True,
             )
@@ -201,6 +202,7 @@ class Mailboxes:
                     "internet_message_id": result.internet_message_id,
                     "send_time": result.send_time.isoformat(),
                     "message_id": result.message_id,
+                    "refused_recipients": list(result.refused_recipients),
                 },
             )
             return result

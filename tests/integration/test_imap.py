@@ -297,6 +297,44 @@ async def test_send_delivers_files_a_copy_rejects_injection_and_is_idempotent(
     assert len([m for m in mail_servers.smtp.messages if recipient in m.rcpt_tos]) == 1
 
 
+async def test_a_recipient_refused_while_others_are_accepted_is_reported_and_replayed(
+    broker: RunningBroker,
+    mail_servers: MailServers,
+    mailbox: Mailbox,
+) -> None:
+    """SMTP may refuse one RCPT and take the message for the rest: the message is sent, and the response names the
+    recipients it did not reach (a caller told plain success would believe everyone got it)."""
+    refused, _ = mail_servers.new_mailbox("refused")
+    accepted, _ = mail_servers.new_mailbox("accepted")
+    assert mail_servers.smtp is not None
+    async with broker.channel(broker.pki.alice) as channel:
+        accounts, mail = stubs(channel)
+        account = await accounts.ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=20)
+        mail_servers.smtp.reject_next(550, "5.1.1 No such recipient here", stage="RCPT", user=mailbox.address)
+        request = mpb.SendMessageRequest(
+            account=account.name,
+            request_id="5c0ffee0-0000-4000-8000-000000000002",
+            message=mpb.OutgoingMessage(
+                to_recipients=[rpb.EmailAddress(address=refused)],
+                cc_recipients=[rpb.EmailAddress(address=accepted)],
+                subject="partly refused",
+                text_body="hello",
+            ),
+        )
+        sent = await mail.SendMessage(request, timeout=20)
+        assert list(sent.refused_recipients) == [refused]
+        await mail_servers.smtp.wait_for_async(1, to=accepted)
+        assert mail_servers.smtp.messages_for(refused) == []
+        replay = await mail.SendMessage(request, timeout=20)
+        assert replay.replayed and list(replay.refused_recipients) == [refused]
+
+        everyone = mpb.SendMessageRequest(
+            account=account.name,
+            message=mpb.OutgoingMessage(to_recipients=[rpb.EmailAddress(address=accepted)], subject="x", text_body="y"),
+        )
+        assert list((await mail.SendMessage(everyone, timeout=20)).refused_recipients) == []
+
+
 async def test_watch_mailbox_follows_adds_flags_and_deletes_and_resumes(
     broker: RunningBroker,
     mail_servers: MailServers,

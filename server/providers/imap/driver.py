@@ -232,16 +232,17 @@ class ImapDriver:
             raise FailedPrecondition("the account has no SMTP server", reason="ACCOUNT_MISCONFIGURED")
         smtp_server = self._profile.smtp_server
 
-        def submit() -> None:
+        def submit() -> tuple[str, ...]:
             # Until the server answers the message, an error means it was not sent; an explicit refusal
             # (recipients, sender, data) too. A connection lost or a timeout mid-transaction leaves it unknown.
+            # Some recipients refused and others accepted: it was sent, and the refused ones are reported.
             session = open_smtp(
                 smtp_server, self._credentials, self._tls, self._settings.timeout_seconds, self._settings.guard
             )
             try:
                 with provider_errors():
                     try:
-                        session.sendmail(envelope_from, list(built.envelope_recipients), built.raw)
+                        refused = session.sendmail(envelope_from, list(built.envelope_recipients), built.raw)
                     except smtplib.SMTPServerDisconnected as exc:
                         raise OutcomeUnknown() from exc
                     except smtplib.SMTPException:
@@ -250,16 +251,22 @@ class ImapDriver:
                         raise OutcomeUnknown() from exc
             finally:
                 close_smtp(session)
+            return tuple(recipient for recipient in built.envelope_recipients if recipient in refused)
 
         with self._settings.stats.counting(SMTP):
-            await self._blocking.run(submit)
+            refused = await self._blocking.run(submit)
         sent_at = datetime.now(UTC)
         copy_id = ""
         try:
             copy_id = await self._pool.run(lambda s: _append_sent(s, built.raw), retry_lost=False)
         except Exception:  # the message is sent; failing to file a copy must not make the caller send it again
             log.warning("sent copy not filed", exc_info=True, extra={"component": "imap"})
-        return SendResult(internet_message_id=built.internet_message_id, send_time=sent_at, message_id=copy_id)
+        return SendResult(
+            internet_message_id=built.internet_message_id,
+            send_time=sent_at,
+            message_id=copy_id,
+            refused_recipients=refused,
+        )
 
     # Change feeds
 

@@ -140,16 +140,18 @@ class SendMessageRequest(_message.Message):
     def __init__(self, account: _Optional[str] = ..., message: _Optional[_Union[OutgoingMessage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SendMessageResponse(_message.Message):
-    __slots__ = ("message", "internet_message_id", "send_time", "replayed")
+    __slots__ = ("message", "internet_message_id", "send_time", "replayed", "refused_recipients")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     INTERNET_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SEND_TIME_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
     message: str
     internet_message_id: str
     send_time: _timestamp_pb2.Timestamp
     replayed: bool
-    def __init__(self, message: _Optional[str] = ..., internet_message_id: _Optional[str] = ..., send_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    refused_recipients: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, message: _Optional[str] = ..., internet_message_id: _Optional[str] = ..., send_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replayed: _Optional[bool] = ..., refused_recipients: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchMailboxRequest(_message.Message):
     __slots__ = ("account", "resume_token", "folders", "heartbeat_interval")

@@ -437,6 +437,15 @@ export declare type SendMessageResponse = Message<"mailbroker.v1.SendMessageResp
    * @generated from field: bool replayed = 4;
    */
   replayed: boolean;
+
+  /**
+   * Recipients (To, Cc or Bcc, as given in the request) that the mail server refused while it accepted the message
+   * for the others: the message was sent, but not to these. Empty when every recipient was accepted. Only an SMTP
+   * server refuses some recipients and not others; Gmail and Outlook accept or refuse the message as a whole.
+   *
+   * @generated from field: repeated string refused_recipients = 5;
+   */
+  refusedRecipients: string[];
 };
 
 /**
