@@ -29,6 +29,7 @@ from server.domain.blocking import BlockingPool
 from server.domain.drivers import Drivers
 from server.domain.erasure import AutoEraser, Erasure
 from server.domain.feeds import FeedHub
+from server.domain.housekeeping import IdempotencySweeper
 from server.domain.imap_accounts import ImapAccounts
 from server.domain.mail import AccountStateChanged, FeedEvent
 from server.domain.mailbox import Mailboxes
@@ -132,6 +133,7 @@ class Broker:
     drivers: Drivers
     feeds: FeedHub
     auto_eraser: AutoEraser | None = None
+    sweeper: IdempotencySweeper | None = None
     closers: tuple[Callable[[], None], ...] = ()  # run last, after the thread pools stopped
     policy: LivePolicy | None = None
     metrics: Metrics | None = None
@@ -152,6 +154,8 @@ class Broker:
         self.draining.set()
         if self.auto_eraser is not None:
             await self.auto_eraser.stop()
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         await self.server.stop(self.grace)
         await self.feeds.close()
         await self.drivers.close()
@@ -334,6 +338,8 @@ async def _start(
     fleet_listener = _start_fleet_listener(engine, store, access_tokens, feeds, drivers)
     await server.start()
     auto_eraser = _start_auto_eraser(config, store, erasure, blocking)
+    sweeper = IdempotencySweeper(store, blocking, retention=timedelta(hours=config.mail.idempotency_retention_hours))
+    sweeper.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"event": "startup", "port": port})
@@ -347,6 +353,7 @@ async def _start(
         drivers,
         feeds,
         auto_eraser,
+        sweeper=sweeper,
         closers=(
             *(client.close for client in oauth_clients.values()),
             *(() if fleet_listener is None else (fleet_listener.stop,)),

@@ -129,6 +129,8 @@ class MailConfig:
     message_id_domain: str = "mailbroker.invalid"
     # How often a watched account's folder list is compared for created and deleted folders.
     folder_poll_seconds: float = 30.0
+    # How long a SendMessage request_id is remembered (a retry within it gets the first result, sending nothing).
+    idempotency_retention_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -521,6 +523,8 @@ def _validate(config: Config) -> None:
         raise ConfigurationError(
             "config: erasure.needs_reauth_erase_after_days must be >= 0 and erasure.sweep_interval_seconds positive"
         )
+    if not config.mail.idempotency_retention_hours > 0:
+        raise ConfigurationError("config: mail.idempotency_retention_hours must be positive")
     if config.policy.watch_interval_seconds < 0:
         raise ConfigurationError("config: policy.watch_interval_seconds must be >= 0 (0 turns the file watch off)")
     for i, rule in enumerate(config.policy.rules):

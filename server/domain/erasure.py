@@ -21,8 +21,6 @@ for ``[erasure] needs_reauth_erase_after_days``, through this same path, as the 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from server.domain.blocking import BlockingPool
 from server.domain.drivers import Drivers
 from server.domain.feeds import FeedHub
 from server.domain.models import Account, Provider
+from server.domain.periodic import Periodic
 from server.domain.principal import Principal
 from server.errors import BrokerError, NotFound
 from server.store.repository import Store
@@ -169,12 +168,11 @@ class Erasure:
         return _step("REVOKE_AT_PROVIDER", result.outcome, result.reason, result.detail)
 
 
-class AutoEraser:
-    """Erases accounts that have needed re-authorisation for ``after`` or longer, every ``interval`` seconds.
+class AutoEraser(Periodic):
+    """Erases accounts that have needed re-authorisation for ``after`` or longer, every ``interval`` seconds (the
+    first sweep at start-up)."""
 
-    The first sweep runs at start-up. ``sweeps`` counts finished sweeps and ``swept`` is a condition notified
-    after each, so a test can wait for one without sleeping.
-    """
+    name = "auto-erase"
 
     def __init__(
         self,
@@ -186,29 +184,12 @@ class AutoEraser:
         interval: float,
         clock: Callable[[], datetime] = _now,
     ) -> None:
+        super().__init__(interval)
         self._store = store
         self._erasure = erasure
         self._blocking = blocking
         self._after = after
-        self._interval = interval
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-        self.sweeps = 0
-        self.swept = asyncio.Condition()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="mailbroker-auto-erase")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def wait_for_sweeps(self, count: int) -> None:
-        """Return once ``count`` sweeps have finished in total."""
-        async with self.swept:
-            await self.swept.wait_for(lambda: self.sweeps >= count)
 
     async def sweep(self) -> int:
         """Erase every account NEEDS_REAUTH since before now - ``after``; return how many were erased."""
@@ -226,14 +207,3 @@ class AutoEraser:
                 extra={"event": "auto_erased", "account": receipt.account_id},
             )
         return erased
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:  # one bad sweep must not end the task; the next one retries
-                log.exception("auto-erasure sweep failed", extra={"event": "auto_erase_failed"})
-            async with self.swept:
-                self.sweeps += 1
-                self.swept.notify_all()
-            await asyncio.sleep(self._interval)

@@ -530,6 +530,12 @@ class Store:
                 .values(result=seal(dek, json.dumps(done).encode(), aad))
             )
 
+    def purge_requests(self, created_before: datetime) -> int:
+        """Forget idempotency records made before ``created_before`` (done or not); return how many."""
+        with self._writer.begin() as connection:
+            statement = delete(idempotency_records).where(idempotency_records.c.create_time < created_before)
+            return int(connection.execute(statement).rowcount or 0)
+
     def release_request(self, account_id: str, request_digest: str) -> None:
         """Forget a claimed request that failed before anything was sent, so a retry may try again."""
         with self._writer.begin() as connection:

@@ -963,3 +963,18 @@ def test_a_token_too_long_for_a_notify_does_not_cost_the_refresh(postgres: Postg
             assert lease.generation == 2
     finally:
         engine.dispose()
+
+
+def test_idempotency_records_past_their_retention_are_purged(store: Store, clock: Clock) -> None:
+    account = make_account()
+    store.create_account(account, {})
+    clock.now = T0
+    assert store.claim_request(account.id, "old", "f") is None
+    store.complete_request(account.id, "old", "f", {"internet_message_id": "<old@x>"})
+    clock.now = T0 + timedelta(hours=23)
+    assert store.claim_request(account.id, "new", "f") is None  # pending: purged by age all the same once old
+    assert store.purge_requests(T0 + timedelta(hours=1)) == 1
+    assert store.claim_request(account.id, "old", "f") is None  # forgotten: a retry would send again
+    replay = store.claim_request(account.id, "new", "f")
+    assert replay is not None and replay["state"] == "pending"
+    assert store.purge_requests(T0 + timedelta(days=2)) == 2
