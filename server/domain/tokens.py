@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from server.domain import deadline
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, AccountState, Provider
 from server.domain.oauth import Grant, OAuthClient
@@ -126,7 +127,7 @@ class AccessTokens:
     def _refresh_under_lease(self, client: OAuthClient, account: Account, force: bool) -> _Cached | int:
         """In a provider thread: refresh holding the account's lease, unless another replica has just done it.
         Returns the new token, or the generation to wait for."""
-        with self._store.refresh_lease(account.id) as lease:
+        with self._store.refresh_lease(account.id, deadline.remaining()) as lease:
             if lease.refresh_token is None:
                 raise needs_reauth()
             cached = self._cache.get(account.id)

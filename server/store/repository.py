@@ -18,7 +18,7 @@ from typing import Any, Final, Literal, get_args
 
 from sqlalchemy import Row, Select, delete, func, literal, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from server.crypto.aead import open_sealed, seal
 from server.crypto.datakeys import new_data_key, secret_aad, unwrap_data_key, wrap_data_key
@@ -33,7 +33,7 @@ from server.domain.models import (
     Provider,
     TransportSecurity,
 )
-from server.errors import AlreadyExists, NotFound
+from server.errors import AlreadyExists, DeadlineExceeded, NotFound
 from server.store import account_cache, audit, fleet
 from server.store.audit_anchor import AuditAnchor
 from server.store.engine import WRITE_INTENT
@@ -52,6 +52,8 @@ from server.store.schema import (
 
 SecretColumn = Literal["imap_password", "refresh_token", "token_cache"]
 SECRET_COLUMNS: Final = frozenset(get_args(SecretColumn))
+# PostgreSQL's SQLSTATE when lock_timeout runs out.
+LOCK_NOT_AVAILABLE: Final = "55P03"
 
 
 class RefreshLease:
@@ -287,14 +289,15 @@ class Store:
     # Token refresh, single-flight across replicas
 
     @contextmanager
-    def refresh_lease(self, account_id: str) -> Iterator[RefreshLease]:
+    def refresh_lease(self, account_id: str, wait_seconds: float | None = None) -> Iterator[RefreshLease]:
         """Hold the right to refresh the account's access token for the block.
 
         On PostgreSQL the account's ``account_secrets`` row stays locked (``SELECT ... FOR UPDATE``) until the
         block ends, so replicas refresh one at a time and each reads the refresh token its predecessor stored:
         a rotated token is never lost or used twice. On SQLite (one process) nothing is locked here: the caller
         already refreshes single-flight in its process, and a write lock held across an HTTP call would stall
-        every other write. Raises NotFound if the account is gone.
+        every other write. Raises NotFound if the account is gone; with ``wait_seconds``, DeadlineExceeded when
+        another replica holds the lease longer than that (the caller's deadline, so no thread outlives it).
         """
         shared = self._engine.dialect.name == "postgresql"
         query = (
@@ -315,7 +318,17 @@ class Store:
                 with self._engine.connect() as connection:
                     row = connection.execute(query).one_or_none()
             else:
-                row = locked.execute(query).one_or_none()
+                if wait_seconds is not None:
+                    milliseconds = max(1, int(wait_seconds * 1000))
+                    locked.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
+                try:
+                    row = locked.execute(query).one_or_none()
+                except OperationalError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                        raise
+                    raise DeadlineExceeded(
+                        "another replica is refreshing the account's token", reason="TOKEN_REFRESH_BUSY"
+                    ) from None
             if row is None:
                 raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")
             dek = unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)

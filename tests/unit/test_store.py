@@ -38,7 +38,7 @@ from server.domain.models import (
     Provider,
     TransportSecurity,
 )
-from server.errors import AlreadyExists, ConfigurationError, NotFound
+from server.errors import AlreadyExists, ConfigurationError, DeadlineExceeded, NotFound
 from server.store.audit import GENESIS_DIGEST, event_digest
 from server.store.engine import checkpoint_and_vacuum, create_engine
 from server.store.ids import new_account_id, new_event_id
@@ -978,3 +978,22 @@ def test_idempotency_records_past_their_retention_are_purged(store: Store, clock
     replay = store.claim_request(account.id, "new", "f")
     assert replay is not None and replay["state"] == "pending"
     assert store.purge_requests(T0 + timedelta(days=2)) == 2
+
+
+def test_a_refresh_lease_held_elsewhere_is_waited_for_only_until_the_deadline(postgres: PostgresServer) -> None:
+    """Two replicas: the second waits on the first's row lock, but not past its caller's deadline."""
+    engine = create_engine(postgres.new_database())
+    try:
+        upgrade(engine)
+        store = Store(engine, new_keyring(1))
+        account = make_account()
+        store.create_account(account, {"refresh_token": b"rt"})
+        with store.refresh_lease(account.id) as held:
+            assert held.shared
+            with pytest.raises(DeadlineExceeded) as caught, store.refresh_lease(account.id, wait_seconds=0.2):
+                pass
+            assert caught.value.reason == "TOKEN_REFRESH_BUSY"
+        with store.refresh_lease(account.id, wait_seconds=0.2) as free:  # released: no wait at all
+            assert free.refresh_token == b"rt"
+    finally:
+        engine.dispose()
