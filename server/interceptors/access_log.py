@@ -7,8 +7,6 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -44,45 +42,45 @@ class AccessLogInterceptor(HandlerInterceptor):
         if self._metrics is not None:
             self._metrics.observe_unimplemented()
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[CallInfo, float]:
         call = CallInfo(request_id=_incoming_request_id(context) or secrets.token_hex(8), method=method)
         current_call.set(call)
         context.set_trailing_metadata((("x-request-id", call.request_id),))
-        started = time.perf_counter()
-        status = "OK"
-        try:
-            yield
-        except grpc.aio.AbortError:
-            status = _status_name(context.code())
-            raise
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except BaseException:
-            status = "UNKNOWN"
-            raise
-        else:
+        return call, time.perf_counter()
+
+    async def leave(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        entered: tuple[CallInfo, float],
+        error: BaseException | None,
+    ) -> None:
+        call, started = entered
+        elapsed = time.perf_counter() - started
+        if error is None:
             code = context.code()
-            if code is not None:
-                status = _status_name(code)
-        finally:
-            elapsed = time.perf_counter() - started
-            # Written before the call is over: a caller that has its answer can count on the line being there
-            # (deferring it to the loop's next turn raced a status already sent by context.abort).
-            log.info(
-                "rpc",
-                extra={
-                    "request_id": call.request_id,
-                    "method": method,
-                    "caller": call.caller,
-                    "account": call.account,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
-            if self._metrics is not None:
-                self._metrics.observe_rpc(method, status, elapsed)
+            status = "OK" if code is None else _status_name(code)
+        elif isinstance(error, grpc.aio.AbortError):
+            status = _status_name(context.code())
+        elif isinstance(error, asyncio.CancelledError):
+            status = "CANCELLED"
+        else:
+            status = "UNKNOWN"
+        # Written before the call is over: a caller that has its answer can count on the line being there
+        # (deferring it to the loop's next turn raced a status already sent by context.abort).
+        log.info(
+            "rpc",
+            extra={
+                "request_id": call.request_id,
+                "method": method,
+                "caller": call.caller,
+                "account": call.account,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
+        if self._metrics is not None:
+            self._metrics.observe_rpc(method, status, elapsed)
 
 
 def _status_name(code: Any) -> str:

@@ -4,8 +4,6 @@ Principal the policy in force makes of it (tenant, capability caps, auditor)."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -50,8 +48,7 @@ class AuthenticationInterceptor(HandlerInterceptor):
             self._identities.popitem(last=False)
         return identity
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         certs = list(context.auth_context().get("x509_pem_cert") or [])
         identity = self._identity(certs[0]) if certs else None
         if identity is None:
@@ -71,4 +68,3 @@ class AuthenticationInterceptor(HandlerInterceptor):
                 ),
             )
         current_principal.set(principal)
-        yield

@@ -3,8 +3,6 @@ default."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -28,8 +26,7 @@ class AuthorizationInterceptor(HandlerInterceptor):
     def set_policy(self, policy: Policy) -> None:
         self._policy.replace(policy)
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         policy = call_policy.get(None) or self._policy.current
         principal = current_principal.get()
         identity = principal.identity
@@ -45,4 +42,3 @@ class AuthorizationInterceptor(HandlerInterceptor):
                 principal.require(action)
             except BrokerError as error:
                 await abort_with(context, error)
-        yield

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import grpc
@@ -82,31 +80,46 @@ class ErrorMappingInterceptor(StreamAwareInterceptor):
         super().__init__()
         self._default_deadline = default_deadline
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> asyncio.Timeout | None:
         remaining = context.time_remaining()
         imposed = None
         if remaining is None and self._default_deadline is not None and not self.streams(method):
             remaining = imposed = self._default_deadline
         deadline.set_from_remaining(remaining)  # so provider calls and retries stop in time
+        if imposed is None:
+            return None
         timer = asyncio.timeout(imposed)
-        try:
-            async with timer:
-                yield
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except BrokerError as exc:
-            if isinstance(exc, Internal):
-                log.error("internal error", exc_info=True, extra={"method": method, "reason": exc.reason})
-            await abort_with(context, exc)
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and timer.expired():
-                await abort_with(
-                    context,
-                    DeadlineExceeded(
-                        "the call took longer than the server's default deadline", reason="DEFAULT_DEADLINE_EXCEEDED"
-                    ),
-                )
-            # The traceback is rendered without exception messages (server.logging), so no data leaks into it.
-            log.error("unhandled error", exc_info=True, extra={"method": method, "reason": "INTERNAL"})
-            await abort_with(context, Internal())
+        await timer.__aenter__()
+        return timer
+
+    async def leave(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        entered: asyncio.Timeout | None,
+        error: BaseException | None,
+    ) -> None:
+        timer = entered
+        if timer is not None:
+            try:  # the timer turns the cancellation it caused into TimeoutError
+                await timer.__aexit__(type(error) if error else None, error, error.__traceback__ if error else None)
+            except TimeoutError as expired:
+                error = expired
+        if error is None or isinstance(error, grpc.aio.AbortError | asyncio.CancelledError):
+            return
+        if isinstance(error, BrokerError):
+            if isinstance(error, Internal):
+                log.error("internal error", exc_info=error, extra={"method": method, "reason": error.reason})
+            await abort_with(context, error)
+        if not isinstance(error, Exception):
+            return  # GeneratorExit, KeyboardInterrupt: not an error of the call's
+        if isinstance(error, TimeoutError) and timer is not None and timer.expired():
+            await abort_with(
+                context,
+                DeadlineExceeded(
+                    "the call took longer than the server's default deadline", reason="DEFAULT_DEADLINE_EXCEEDED"
+                ),
+            )
+        # The traceback is rendered without exception messages (server.logging), so no data leaks into it.
+        log.error("unhandled error", exc_info=error, extra={"method": method, "reason": "INTERNAL"})
+        await abort_with(context, Internal())

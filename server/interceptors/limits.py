@@ -8,8 +8,6 @@ hold the server's memory or provider threads for the others. Message sizes are l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -29,8 +27,7 @@ class LimitsInterceptor(StreamAwareInterceptor):
         """(unary calls, streams) the identity has open now (tests, metrics)."""
         return self._open[False].get(identity, 0), self._open[True].get(identity, 0)
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[dict[str, int], str]:
         principal = current_principal.get(None)
         identity = principal.identity if principal is not None else ""
         streaming = self.streams(method)
@@ -43,11 +40,18 @@ class LimitsInterceptor(StreamAwareInterceptor):
             )
             await abort_with(context, error)
         counts[identity] = counts.get(identity, 0) + 1
-        try:
-            yield
-        finally:
-            left = counts[identity] - 1
-            if left:
-                counts[identity] = left
-            else:
-                del counts[identity]  # no entry per identity ever seen: the dict stays as small as the open calls
+        return counts, identity
+
+    async def leave(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        entered: tuple[dict[str, int], str],
+        error: BaseException | None,
+    ) -> None:
+        counts, identity = entered
+        left = counts[identity] - 1
+        if left:
+            counts[identity] = left
+        else:
+            del counts[identity]  # no entry per identity ever seen: the dict stays as small as the open calls
