@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -209,7 +210,9 @@ async def _start(
     metrics_port: int | None,
 ) -> Broker:
     provider_stats = ProviderStats()  # provider calls, errors and retries, counted by every driver
-    engine = create_engine(config.store_url)
+    # Every store thread and every provider thread (a token refresh holds a connection through its HTTP call) may
+    # need a connection at once, plus a few for the event loop's own short calls.
+    engine = create_engine(config.store_url, pool_size=STORE_THREADS + config.server.blocking_threads + 2)
     upgrade(engine)
     store = Store(engine, keyring, audit_anchor=AuditAnchor(config.audit_anchor_file, keyring))
     # Separate pools: slow mail servers holding every provider thread must not stall the store for all tenants.
@@ -429,7 +432,9 @@ def _start_fleet_listener(
     engine: Engine, store: Store, access_tokens: AccessTokens, feeds: FeedHub, drivers: Drivers
 ) -> fleet.Listener | None:
     """On PostgreSQL, listen to the other replicas: erasures end this replica's feeds and connections of the
-    account; refreshed access tokens join this replica's cache. None on SQLite (one process, nothing to hear)."""
+    account; new consents drop its token and connections; refreshed access tokens join its cache. Every minute,
+    and after a lost connection, what this replica holds is checked against the store. None on SQLite (one
+    process, nothing to hear)."""
     if engine.dialect.name != "postgresql":
         return None
     loop = asyncio.get_running_loop()
@@ -445,26 +450,39 @@ def _start_fleet_listener(
         access_tokens.forget(account_id)
         await drivers.evict(account_id)
 
+    def run(coroutine: Coroutine[Any, Any, None]) -> None:  # from the listener's thread
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        future.add_done_callback(_log_failure)
+
     def deliver(message: fleet.Message) -> None:  # on the listener's thread
         if isinstance(message, fleet.Erased):
             store.forget_cached_accounts()
-            asyncio.run_coroutine_threadsafe(forget({message.account_id}), loop)
+            # Acted on only once the store agrees: anyone who can NOTIFY on the database must not end feeds.
+            if not store.existing_account_ids([message.account_id]):
+                run(forget({message.account_id}))
             return
         if isinstance(message, fleet.Regranted):
             store.forget_cached_accounts()
-            asyncio.run_coroutine_threadsafe(regranted(message.account_id), loop)
+            run(regranted(message.account_id))
             return
         opened = store.open_token(message)
         if opened is not None:
             access_tokens.accept(message.account_id, message.generation, *opened)
 
-    def on_connect() -> None:  # messages sent while not listening are lost: re-check what this replica holds
+    def reconcile(reconnected: bool) -> None:  # notices sent while not listening are lost: check what is held
         store.forget_cached_accounts()
-        watched = feeds.watched_account_ids()  # a copy taken in one C call: safe from this thread
-        gone = watched - store.existing_account_ids(watched)
+        if reconnected:
+            access_tokens.forget_all()  # a missed new consent would leave a token with the old scopes
+        held = feeds.watched_account_ids() | drivers.account_ids()  # copies taken in one C call each
+        gone = held - store.existing_account_ids(held)
         if gone:
-            asyncio.run_coroutine_threadsafe(forget(gone), loop)
+            run(forget(gone))
 
-    listener = fleet.Listener(engine.url, deliver, on_connect)
+    listener = fleet.Listener(engine.url, deliver, reconcile)
     listener.start()
     return listener
+
+
+def _log_failure(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("fleet notice not applied", exc_info=future.exception(), extra={"component": "fleet"})

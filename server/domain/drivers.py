@@ -44,6 +44,10 @@ class Drivers:
         self._drivers: dict[str, tuple[Any, MailDriver]] = {}
         self._lock = asyncio.Lock()
 
+    def account_ids(self) -> set[str]:
+        """The accounts with a live driver (a copy taken in one C call: safe from another thread)."""
+        return set(list(self._drivers))
+
     async def get(self, account: Account) -> MailDriver:
         async with self._lock:
             cached = self._drivers.get(account.id)

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from server.domain import deadline
 from server.domain.blocking import BlockingPool
 from server.domain.models import Account, AccountState, Provider
 from server.domain.oauth import Grant, OAuthClient
@@ -30,6 +29,8 @@ FLEET_WAIT_SECONDS = 3.0
 # A refresh by another replica this recent may still be on its way; an older one was missed (say, this replica
 # started after it) and waiting would gain nothing.
 FLEET_RECENT_SECONDS = 10.0
+# How long a refresh waits for another replica's lease on the same account before giving up (TOKEN_REFRESH_BUSY).
+LEASE_WAIT_SECONDS = 30.0
 
 
 @dataclass
@@ -92,13 +93,20 @@ class AccessTokens:
         if cached is not None and cached.token == token:
             del self._cache[account_id]
 
+    def forget_all(self) -> None:
+        """Drop every token (this replica may have missed a notice of a new consent). Safe from any thread."""
+        self._cache.clear()
+
     def forget(self, account_id: str) -> None:
         """Drop the account's token (erasure, a new consent)."""
         self._cache.pop(account_id, None)
         self._seen.pop(account_id, None)
 
     def accept(self, account_id: str, generation: int, token: str, expire_time: datetime) -> None:
-        """Take a token another replica refreshed (newer generations only). Safe from any thread."""
+        """Take a token another replica refreshed (newer generations only), for an account this replica has used or
+        is refreshing: it does not collect the tokens of every account in the fleet. Safe from any thread."""
+        if account_id not in self._seen and account_id not in self._inflight:
+            return
         if self._seen.get(account_id, 0) < generation:
             self._seen[account_id] = generation
             self._cache[account_id] = _Cached(token, expire_time, generation)
@@ -115,8 +123,9 @@ class AccessTokens:
                 await self._mark_needs_reauth(account)
                 raise needs_reauth() from None
             if isinstance(outcome, _Cached):
-                self._cache[account.id] = outcome
-                self._seen[account.id] = max(self._seen.get(account.id, 0), outcome.generation)
+                if outcome.generation >= 0:
+                    self._cache[account.id] = outcome
+                    self._seen[account.id] = max(self._seen.get(account.id, 0), outcome.generation)
                 return outcome.token
             # Another replica refreshed while this one waited for the lease: its token is on the way.
             arrived = await self._await_generation(account.id, outcome)
@@ -127,7 +136,8 @@ class AccessTokens:
     def _refresh_under_lease(self, client: OAuthClient, account: Account, force: bool) -> _Cached | int:
         """In a provider thread: refresh holding the account's lease, unless another replica has just done it.
         Returns the new token, or the generation to wait for."""
-        with self._store.refresh_lease(account.id, deadline.remaining()) as lease:
+        # A fixed bound, not the caller's deadline: this refresh is shared by every caller waiting on it.
+        with self._store.refresh_lease(account.id, LEASE_WAIT_SECONDS) as lease:
             if lease.refresh_token is None:
                 raise needs_reauth()
             cached = self._cache.get(account.id)
@@ -150,6 +160,8 @@ class AccessTokens:
             # crash now cannot leave the broker holding only a refresh token the provider has already retired.
             rotated = grant.refresh_token.encode("utf-8") if grant.refresh_token else None
             generation = lease.save(rotated, grant.access_token, grant.expire_time)
+            if generation is None:  # a new consent landed meanwhile: use this token once, keep the new grant's
+                return _Cached(grant.access_token, grant.expire_time, -1)
             return _Cached(grant.access_token, grant.expire_time, generation)
 
     def _count(self, provider: str, outcome: str) -> None:

@@ -48,12 +48,14 @@ _ACCOUNT_TABLES = (
 )
 
 
-def create_engine(url: str) -> Engine:
+def create_engine(url: str, *, pool_size: int = 8) -> Engine:
     """Return an engine for ``url``; for a SQLite file, make its directory (0700) and file (0600) first.
 
     ``postgresql://`` means psycopg 3 (the one PostgreSQL driver the broker ships with). Raises
     ConfigurationError for a malformed URL or any other backend: the migrations and the locking in
     :mod:`server.store` are written for these two. The message never repeats the URL (it may hold a password).
+    ``pool_size`` is how many PostgreSQL connections the engine keeps (a token refresh holds one for the whole
+    call to the token endpoint, so a broker sizes it to its threads), and as many more may open under load.
     """
     try:
         parsed = make_url(url)
@@ -65,7 +67,7 @@ def create_engine(url: str) -> Engine:
             raise ConfigurationError("store.url: PostgreSQL is reached through psycopg: postgresql://...")
         parsed = parsed.set(drivername="postgresql+psycopg")
         # pre_ping: a replica outlives database restarts and failovers without handing a dead connection to a call.
-        return sqlalchemy.create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        return sqlalchemy.create_engine(parsed, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
     if backend != "sqlite":
         raise ConfigurationError("store.url: unsupported database (use sqlite:///PATH or postgresql://...)")
     path = _sqlite_file(parsed)

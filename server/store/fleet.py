@@ -23,9 +23,11 @@ import base64
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
@@ -39,6 +41,11 @@ CHANNEL = "mailbroker_fleet"
 # How long the listener waits for a notification before checking whether it should stop.
 POLL_SECONDS = 0.5
 RECONNECT_SECONDS = 1.0
+# The listening connection only receives; it asks the server something this often, so that a connection a
+# firewall or a failover dropped silently is noticed (and TCP keepalives back that up).
+PING_SECONDS = 15.0
+RECONCILE_SECONDS = 60.0
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 # PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more.
 MAX_PAYLOAD_BYTES = 7_900
 
@@ -124,19 +131,25 @@ def decode(payload: str) -> Message | None:
 class Listener:
     """A thread holding one ``LISTEN`` connection, handing every message to ``deliver`` (on that thread).
 
-    After every (re)connection it calls ``on_connect`` first: messages sent while it was not listening are lost,
-    so the receiver re-checks what it holds (which watched accounts still exist) rather than trusting the silence.
+    ``reconcile(reconnected)`` runs after every (re)connection and every ``RECONCILE_SECONDS``: messages sent
+    while it was not listening are lost, so the receiver re-checks what it holds (which accounts still exist)
+    rather than trusting the silence.
     """
 
     def __init__(
         self,
         url: URL,
         deliver: Callable[[Message], None],
-        on_connect: Callable[[], None],
+        reconcile: Callable[[bool], None],
     ) -> None:
-        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # Connection arguments, not a rendered URL: a password with spaces or other specials stays intact.
+        self._connect_args: dict[str, Any] = {
+            **{k: v for k, v in url.translate_connect_args(username="user", database="dbname").items() if v},
+            **dict(url.query),
+            **KEEPALIVES,
+        }
         self._deliver = deliver
-        self._on_connect = on_connect
+        self._reconcile = reconcile
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mailbroker-fleet", daemon=True)
         self.connected = threading.Event()
@@ -151,17 +164,26 @@ class Listener:
     def _run(self) -> None:
         import psycopg  # only replicas on PostgreSQL get here
 
+        connections = 0
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as connection:
+                with psycopg.connect(autocommit=True, connect_timeout=10, **self._connect_args) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
-                    self._on_connect()
+                    self._reconcile(connections > 0)
+                    connections += 1
                     self.connected.set()
+                    pinged = reconciled = time.monotonic()
                     while not self._stop.is_set():
                         for notification in connection.notifies(timeout=POLL_SECONDS):
                             message = decode(notification.payload)
                             if message is not None:
                                 self._dispatch(message)
+                        if time.monotonic() - pinged > PING_SECONDS:
+                            connection.execute("SELECT 1")
+                            pinged = time.monotonic()
+                        if time.monotonic() - reconciled > RECONCILE_SECONDS:
+                            self._reconcile(False)
+                            reconciled = time.monotonic()
             except Exception as exc:  # the connection, its server or a callback: never the thread
                 self.connected.clear()
                 log.warning(

@@ -10,6 +10,7 @@ Thread safety: the engine's pool hands each call its own connection; no connecti
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -50,6 +51,8 @@ from server.store.schema import (
     oauth_states,
 )
 
+log = logging.getLogger("mailbroker.store")
+
 SecretColumn = Literal["imap_password", "refresh_token", "token_cache"]
 SECRET_COLUMNS: Final = frozenset(get_args(SecretColumn))
 # PostgreSQL's SQLSTATE when lock_timeout runs out.
@@ -77,15 +80,17 @@ class RefreshLease:
         self.refresh_token = refresh_token
         self.generation = generation
         self.refresh_time = refresh_time
+        self.announcement: fleet.Token | None = None  # sent to the other replicas once the lease has committed
 
     @property
     def shared(self) -> bool:
         """Whether other replicas may refresh this account too (and will hear of this refresh)."""
         return self._connection is not None
 
-    def save(self, refresh_token: bytes | None, access_token: str, expire_time: datetime) -> int:
-        """Store a rotated refresh token (None: unchanged), bump the generation and, on PostgreSQL, send the new
-        access token sealed with the account's data key to the other replicas. Returns the new generation.
+    def save(self, refresh_token: bytes | None, access_token: str, expire_time: datetime) -> int | None:
+        """Store a rotated refresh token (None: unchanged) and bump the generation; on PostgreSQL, once the lease
+        commits, send the new access token sealed with the account's data key to the other replicas. Returns the
+        new generation, or None when a new consent replaced the grant since the lease was taken (nothing stored).
 
         The access token itself is never written to a table: it travels in a NOTIFY, which PostgreSQL does not
         log, and only as ciphertext under the account's data key.
@@ -229,9 +234,8 @@ class Store:
             for table in (idempotency_records, feed_cursors, consents, account_secrets, data_keys, oauth_states):
                 connection.execute(delete(table).where(table.c.account_id == account_id))
             existed = connection.execute(delete(accounts).where(accounts.c.id == account_id)).rowcount > 0
-            # Other replicas end the account's feeds and drop its tokens when this commits.
-            fleet.send(connection, fleet.Erased(account_id))
-            return existed
+        self._announce(fleet.Erased(account_id))  # the other replicas end its feeds and drop its tokens
+        return existed
 
     def accounts_needing_reauth_since(self, cutoff: datetime) -> list[tuple[str, str]]:
         """Return (tenant, account id) of every account NEEDS_REAUTH since ``cutoff`` or earlier (auto-erasure)."""
@@ -318,6 +322,9 @@ class Store:
                 with self._engine.connect() as connection:
                     row = connection.execute(query).one_or_none()
             else:
+                # The lease is an idle transaction for as long as the token endpoint takes: a server-side idle
+                # timeout must not end it (another replica would then read and use the same refresh token).
+                locked.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
                 if wait_seconds is not None:
                     milliseconds = max(1, int(wait_seconds * 1000))
                     locked.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
@@ -329,6 +336,9 @@ class Store:
                     raise DeadlineExceeded(
                         "another replica is refreshing the account's token", reason="TOKEN_REFRESH_BUSY"
                     ) from None
+                # Only the wait for the lease is bounded: the save and its COMMIT must not time out once the
+                # provider has rotated the refresh token.
+                locked.exec_driver_sql("SET LOCAL lock_timeout = 0")
             if row is None:
                 raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")
             dek = unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)
@@ -339,9 +349,14 @@ class Store:
                     dek, row.refresh_token, secret_aad("account_secrets", "refresh_token", account_id, SCHEMA_VERSION)
                 )
             )
-            yield RefreshLease(
+            lease = RefreshLease(
                 self, locked, account_id, dek, refresh_token, row.token_generation, row.token_refresh_time
             )
+            yield lease
+        # Committed: now tell the other replicas, outside the transaction, so that a NOTIFY that fails (a full
+        # queue) can never roll back the refresh token the provider has already rotated.
+        if lease.announcement is not None:
+            self._announce(lease.announcement)
 
     def _save_refresh(
         self,
@@ -350,17 +365,39 @@ class Store:
         refresh_token: bytes | None,
         access_token: str,
         expire_time: datetime,
-    ) -> int:
+    ) -> int | None:
         generation = lease.generation + 1
         values: dict[str, object] = {"token_generation": generation, "token_refresh_time": self._clock()}
         if refresh_token is not None:
             values["refresh_token"] = _seal_secret(lease.dek, lease.account_id, "refresh_token", refresh_token)
             values["update_time"] = self._clock()
-        connection.execute(
-            update(account_secrets).where(account_secrets.c.account_id == lease.account_id).values(values)
+        # Only if nothing replaced the grant since the lease was taken (SQLite takes no lock: a new consent may
+        # have landed meanwhile, and its refresh token must win over the old grant's rotated one).
+        statement = (
+            update(account_secrets)
+            .where(
+                account_secrets.c.account_id == lease.account_id, account_secrets.c.token_generation == lease.generation
+            )
+            .values(values)
         )
-        fleet.send(connection, fleet.seal_token(lease.dek, lease.account_id, generation, access_token, expire_time))
+        if connection.execute(statement).rowcount != 1:
+            return None
+        lease.announcement = fleet.seal_token(lease.dek, lease.account_id, generation, access_token, expire_time)
         return generation
+
+    def _announce(self, message: fleet.Message) -> None:
+        """Tell the other replicas (PostgreSQL only), best effort: they fall back on refreshing, or on the account
+        cache's TTL and their reconciliation, when a notice does not arrive."""
+        if self._engine.dialect.name != "postgresql":
+            return
+        try:
+            with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                fleet.send(connection, message)
+        except Exception as exc:
+            log.warning(
+                "could not notify the other replicas",
+                extra={"component": "fleet", "event": "fleet_notify_failed", "reason": type(exc).__name__},
+            )
 
     def open_token(self, message: fleet.Token) -> tuple[str, datetime] | None:
         """The access token and expiry another replica sent, or None if the account is gone or it does not open."""
@@ -450,10 +487,16 @@ class Store:
             connection.execute(
                 update(account_secrets)
                 .where(account_secrets.c.account_id == account_id)
-                .values(refresh_token=_seal_secret(dek, account_id, "refresh_token", refresh_token), update_time=now)
+                .values(
+                    refresh_token=_seal_secret(dek, account_id, "refresh_token", refresh_token),
+                    update_time=now,
+                    # A new grant moves the generation on, so a refresh of the old grant in flight cannot overwrite
+                    # it (Store.refresh_lease), and no replica waits for a token of this generation.
+                    token_generation=account_secrets.c.token_generation + 1,
+                    token_refresh_time=None,
+                )
             )
-            fleet.send(connection, fleet.Regranted(account_id))
-            return (
+            existed = (
                 connection.execute(
                     update(accounts)
                     .where(accounts.c.id == account_id)
@@ -466,6 +509,9 @@ class Store:
                 ).rowcount
                 > 0
             )
+        # The other replicas drop the token and connections they hold, which carry the old grant's scopes.
+        self._announce(fleet.Regranted(account_id))
+        return existed
 
     def record_consent(
         self,

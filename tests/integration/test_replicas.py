@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from google.protobuf import duration_pb2
 from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
+from sqlalchemy.engine import make_url
 
 from server.config import Config, LimitsConfig, MailConfig
 from server.crypto.keyring import load_keyring
@@ -202,3 +204,35 @@ async def _send_once_granted(mail: object, account: str) -> mpb.SendMessageRespo
                 raise
         await asyncio.sleep(0.1)
     raise AssertionError("SEND never became usable on the other replica")
+
+
+async def test_a_forged_erasure_notice_ends_nothing(
+    fleet: list[Replica],
+    fleet_config: Config,
+    postgres: PostgresServer,
+    pki: TestPki,
+    mail_servers: MailServers,
+    mailbox: Mailbox,
+) -> None:
+    """Anyone who can connect to the database can NOTIFY on the fleet's channel; a replica acts on an erasure only
+    once the store agrees the account is gone."""
+    one, other = fleet
+    async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
+        account = await stubs(first)[0].ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=30)
+        _, mail = stubs(second)
+        stream = mail.WatchMailbox(
+            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
+            timeout=120,
+        )
+        await asyncio.sleep(1.0)  # the other replica's watcher is in IDLE
+        database = make_url(fleet_config.store_url).database or ""
+        forged = json.dumps({"t": "erased", "a": account.name.split("/")[1]})
+        with postgres.connect(database, autocommit=True) as connection:
+            connection.execute("SELECT pg_notify('mailbroker_fleet', %s)", (forged,))
+        await asyncio.sleep(1.0)
+        mail_servers.deliver(mailbox.address, sample("canary after the forged notice", to=mailbox.address))
+        event = await asyncio.wait_for(stream.read(), 20)
+        while event.WhichOneof("event") == "heartbeat":
+            event = await asyncio.wait_for(stream.read(), 20)
+        assert event.WhichOneof("event") == "message_added"
+        stream.cancel()

@@ -997,3 +997,18 @@ def test_a_refresh_lease_held_elsewhere_is_waited_for_only_until_the_deadline(po
             assert free.refresh_token == b"rt"
     finally:
         engine.dispose()
+
+
+def test_a_refresh_that_raced_a_new_consent_does_not_overwrite_it(store: Store, db_path: Path) -> None:
+    """SQLite takes no lock for a refresh: a consent landing during the token endpoint call must win, or the
+    account would show the new capabilities while holding the old grant's refresh token."""
+    account = make_account()
+    store.create_account(account, {"refresh_token": b"grant-1"})
+    with store.refresh_lease(account.id) as lease:
+        assert lease.refresh_token == b"grant-1"
+        store.replace_grant(account.id, b"grant-2-with-send", frozenset({Capability.SEND}))
+        assert lease.save(b"grant-1-rotated", "access", T0 + timedelta(hours=1)) is None
+    assert store.read_secret(account.id, "refresh_token") == b"grant-2-with-send"
+    with store.refresh_lease(account.id) as lease:  # the next refresh uses the new grant, and saves
+        assert lease.save(b"grant-2-rotated", "access", T0 + timedelta(hours=1)) == lease.generation + 1
+    assert store.read_secret(account.id, "refresh_token") == b"grant-2-rotated"
