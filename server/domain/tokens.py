@@ -146,7 +146,6 @@ class AccessTokens:
             newer = lease.generation > self._seen.get(account.id, 0)
             if lease.shared and not force and newer and self._recent(lease.refresh_time):
                 return lease.generation
-            self.refreshes += 1
             outcome = "failed"
             try:
                 grant: Grant = client.refresh(lease.refresh_token.decode("utf-8"))
@@ -165,7 +164,8 @@ class AccessTokens:
             return _Cached(grant.access_token, grant.expire_time, generation)
 
     def _count(self, provider: str, outcome: str) -> None:
-        with self._counting:
+        with self._counting:  # provider threads count concurrently
+            self.refreshes += 1
             key = (provider, outcome)
             self.refresh_outcomes[key] = self.refresh_outcomes.get(key, 0) + 1
 
