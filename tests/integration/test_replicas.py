@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -89,11 +90,7 @@ async def test_delete_through_one_replica_ends_feeds_and_refuses_calls_on_the_ot
     async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
         account = await stubs(first)[0].ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=30)
         accounts, mail = stubs(second)
-        stream = mail.WatchMailbox(
-            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
-            timeout=120,
-        )
-        await asyncio.sleep(1.0)  # the other replica's watcher is in IDLE
+        stream = await _watching(mail, account.name)
         mail_servers.deliver(mailbox.address, sample("canary before erasure", to=mailbox.address))
         added = await asyncio.wait_for(stream.read(), 20)
         assert added.WhichOneof("event") == "message_added"
@@ -115,6 +112,14 @@ async def test_delete_through_one_replica_ends_feeds_and_refuses_calls_on_the_ot
             await mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10)
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     print(f"\nfigure: feed on the other replica ended {took * 1000:.0f} ms after DeleteAccount was called")
+
+
+async def _watching(mail: object, account: str) -> Any:
+    """A WatchMailbox stream, once the replica's upstream watcher has had time to enter IDLE."""
+    request = mpb.WatchMailboxRequest(account=account, heartbeat_interval=duration_pb2.Duration(seconds=5))
+    stream = mail.WatchMailbox(request, timeout=120)  # type: ignore[attr-defined]
+    await asyncio.sleep(1.0)
+    return stream
 
 
 async def _read_to_the_end(stream: object) -> None:
@@ -220,11 +225,7 @@ async def test_a_forged_erasure_notice_ends_nothing(
     async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
         account = await stubs(first)[0].ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=30)
         _, mail = stubs(second)
-        stream = mail.WatchMailbox(
-            mpb.WatchMailboxRequest(account=account.name, heartbeat_interval=duration_pb2.Duration(seconds=5)),
-            timeout=120,
-        )
-        await asyncio.sleep(1.0)  # the other replica's watcher is in IDLE
+        stream = await _watching(mail, account.name)
         database = make_url(fleet_config.store_url).database or ""
         forged = json.dumps({"t": "erased", "a": account.name.split("/")[1]})
         with postgres.connect(database, autocommit=True) as connection:
