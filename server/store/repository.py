@@ -19,7 +19,7 @@ from typing import Any, Final, Literal, get_args
 
 from sqlalchemy import Row, Select, delete, func, literal, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from server.crypto.aead import open_sealed, seal
 from server.crypto.datakeys import new_data_key, secret_aad, unwrap_data_key, wrap_data_key
@@ -81,6 +81,7 @@ class RefreshLease:
         self.generation = generation
         self.refresh_time = refresh_time
         self.announcement: fleet.Token | None = None  # sent to the other replicas once the lease has committed
+        self.pending: tuple[bytes | None, str, datetime] | None = None
 
     @property
     def shared(self) -> bool:
@@ -96,6 +97,7 @@ class RefreshLease:
         log, and only as ciphertext under the account's data key.
         """
         if self._connection is not None:
+            self.pending = (refresh_token, access_token, expire_time)  # kept in case the lease's COMMIT fails
             return self._store._save_refresh(self._connection, self, refresh_token, access_token, expire_time)
         with self._store._writer.begin() as connection:
             return self._store._save_refresh(connection, self, refresh_token, access_token, expire_time)
@@ -317,46 +319,63 @@ class Store:
         )
         if shared:
             query = query.with_for_update(of=account_secrets)
-        with self._writer.begin() if shared else nullcontext(None) as locked:
-            if locked is None:
-                with self._engine.connect() as connection:
-                    row = connection.execute(query).one_or_none()
-            else:
-                # The lease is an idle transaction for as long as the token endpoint takes: a server-side idle
-                # timeout must not end it (another replica would then read and use the same refresh token).
-                locked.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
-                if wait_seconds is not None:
-                    milliseconds = max(1, int(wait_seconds * 1000))
-                    locked.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
-                try:
-                    row = locked.execute(query).one_or_none()
-                except OperationalError as exc:
-                    if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
-                        raise
-                    raise DeadlineExceeded(
-                        "another replica is refreshing the account's token", reason="TOKEN_REFRESH_BUSY"
-                    ) from None
-                # Only the wait for the lease is bounded: the save and its COMMIT must not time out once the
-                # provider has rotated the refresh token.
-                locked.exec_driver_sql("SET LOCAL lock_timeout = 0")
-            if row is None:
-                raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")
-            dek = unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)
-            refresh_token = (
-                None
-                if row.refresh_token is None
-                else open_sealed(
-                    dek, row.refresh_token, secret_aad("account_secrets", "refresh_token", account_id, SCHEMA_VERSION)
-                )
-            )
-            lease = RefreshLease(
-                self, locked, account_id, dek, refresh_token, row.token_generation, row.token_refresh_time
-            )
-            yield lease
+        lease: RefreshLease | None = None
+        body_done = False
+        try:
+            with self._writer.begin() if shared else nullcontext(None) as locked:
+                lease = self._open_lease(locked, query, account_id, wait_seconds)
+                yield lease
+                body_done = True
+        except DBAPIError:
+            # The provider has answered and may have retired the old refresh token, but the lease's transaction
+            # failed (the connection dropped, the server restarted): store its answer in a fresh transaction,
+            # unless a new consent or another replica's refresh has moved the generation on meanwhile. A failure
+            # inside the block is still raised to the caller once the token is safe; one at COMMIT is not.
+            if lease is None or lease.pending is None:
+                raise
+            with self._writer.begin() as connection:
+                if self._save_refresh(connection, lease, *lease.pending) is None or not body_done:
+                    raise
         # Committed: now tell the other replicas, outside the transaction, so that a NOTIFY that fails (a full
         # queue) can never roll back the refresh token the provider has already rotated.
-        if lease.announcement is not None:
+        if lease is not None and lease.announcement is not None:
             self._announce(lease.announcement)
+
+    def _open_lease(
+        self, locked: Connection | None, query: Select[Any], account_id: str, wait_seconds: float | None
+    ) -> RefreshLease:
+        if locked is None:
+            with self._engine.connect() as connection:
+                row = connection.execute(query).one_or_none()
+        else:
+            # The lease is an idle transaction for as long as the token endpoint takes: a server-side idle
+            # timeout must not end it (another replica would then read and use the same refresh token).
+            locked.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
+            if wait_seconds is not None:
+                milliseconds = max(1, int(wait_seconds * 1000))
+                locked.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
+            try:
+                row = locked.execute(query).one_or_none()
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                raise DeadlineExceeded(
+                    "another replica is refreshing the account's token", reason="TOKEN_REFRESH_BUSY"
+                ) from None
+            # Only the wait for the lease is bounded: the save and its COMMIT must not time out once the
+            # provider has rotated the refresh token.
+            locked.exec_driver_sql("SET LOCAL lock_timeout = 0")
+        if row is None:
+            raise NotFound("account not found", reason="ACCOUNT_NOT_FOUND")
+        dek = unwrap_data_key(self._keyring, account_id, row.kek_version, row.wrapped)
+        refresh_token = (
+            None
+            if row.refresh_token is None
+            else open_sealed(
+                dek, row.refresh_token, secret_aad("account_secrets", "refresh_token", account_id, SCHEMA_VERSION)
+            )
+        )
+        return RefreshLease(self, locked, account_id, dek, refresh_token, row.token_generation, row.token_refresh_time)
 
     def _save_refresh(
         self,

@@ -1012,3 +1012,30 @@ def test_a_refresh_that_raced_a_new_consent_does_not_overwrite_it(store: Store, 
     with store.refresh_lease(account.id) as lease:  # the next refresh uses the new grant, and saves
         assert lease.save(b"grant-2-rotated", "access", T0 + timedelta(hours=1)) == lease.generation + 1
     assert store.read_secret(account.id, "refresh_token") == b"grant-2-rotated"
+
+
+def test_a_rotated_refresh_token_survives_a_failed_commit_of_its_lease(postgres: PostgresServer) -> None:
+    """The provider has retired the old refresh token when the lease's COMMIT fails (a dropped connection): the
+    new one is stored in a fresh transaction, not lost."""
+    engine = create_engine(postgres.new_database())
+    try:
+        upgrade(engine)
+        store = Store(engine, new_keyring(1))
+        account = make_account()
+        store.create_account(account, {"refresh_token": b"old"})
+        failures = [sqlalchemy.exc.OperationalError("COMMIT", None, Exception("connection lost"))]
+
+        def fail_once(_connection: Any) -> None:
+            if failures:
+                raise failures.pop()
+
+        with store.refresh_lease(account.id) as lease:
+            event.listen(engine, "commit", fail_once)
+            assert lease.save(b"rotated", "access", T0 + timedelta(hours=1)) == 1
+        event.remove(engine, "commit", fail_once)
+        assert failures == []  # the COMMIT did fail
+        assert store.read_secret(account.id, "refresh_token") == b"rotated"
+        with store.refresh_lease(account.id) as lease:
+            assert lease.generation == 1
+    finally:
+        engine.dispose()
