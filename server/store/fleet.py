@@ -1,7 +1,8 @@
 """Word between broker replicas that share one PostgreSQL database: LISTEN/NOTIFY on one channel.
 
-Two messages travel, each sent inside the transaction that makes it true (PostgreSQL delivers a NOTIFY only when
-its transaction commits, and never if it rolls back):
+Three messages travel, each sent by the store once the transaction that makes it true has committed, best effort
+(a NOTIFY that fails must never roll back the change it announces; a replica that misses one falls back on
+refreshing, on the 2 s account cache and on its periodic reconciliation):
 
 - :class:`Erased`: an account was erased. Every other replica ends the account's feeds, closes its connections and
   forgets its access token.

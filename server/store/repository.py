@@ -303,7 +303,7 @@ class Store:
         a rotated token is never lost or used twice. On SQLite (one process) nothing is locked here: the caller
         already refreshes single-flight in its process, and a write lock held across an HTTP call would stall
         every other write. Raises NotFound if the account is gone; with ``wait_seconds``, DeadlineExceeded when
-        another replica holds the lease longer than that (the caller's deadline, so no thread outlives it).
+        another replica holds the lease longer than that (a fixed bound: the refresh is shared by its callers).
         """
         shared = self._engine.dialect.name == "postgresql"
         query = (
