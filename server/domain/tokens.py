@@ -144,7 +144,7 @@ class AccessTokens:
             if cached is not None and cached.generation >= lease.generation and self._fresh(cached):
                 return cached  # it arrived while this replica waited for the lease
             newer = lease.generation > self._seen.get(account.id, 0)
-            if lease.shared and not force and newer and self._recent(lease.refresh_time):
+            if lease.shared and not force and newer and self._recent(lease.refreshed_ago):
                 return lease.generation
             outcome = "failed"
             try:
@@ -183,8 +183,8 @@ class AccessTokens:
         return cached.expire_time - self._margin > datetime.now(UTC)
 
     @staticmethod
-    def _recent(refresh_time: datetime | None) -> bool:
-        return refresh_time is not None and datetime.now(UTC) - refresh_time < timedelta(seconds=FLEET_RECENT_SECONDS)
+    def _recent(refreshed_ago: timedelta | None) -> bool:
+        return refreshed_ago is not None and refreshed_ago < timedelta(seconds=FLEET_RECENT_SECONDS)
 
     async def _mark_needs_reauth(self, account: Account) -> None:
         self._cache.pop(account.id, None)

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, get_args
 
 from sqlalchemy import Row, Select, delete, func, literal, select, update
@@ -71,7 +71,7 @@ class RefreshLease:
         dek: bytes,
         refresh_token: bytes | None,
         generation: int,
-        refresh_time: datetime | None,
+        refreshed_ago: timedelta | None,
     ) -> None:
         self._store = store
         self._connection = connection
@@ -79,7 +79,8 @@ class RefreshLease:
         self.dek = dek
         self.refresh_token = refresh_token
         self.generation = generation
-        self.refresh_time = refresh_time
+        # How long ago the last refresh was, by one clock: the database's on PostgreSQL (replicas' clocks differ).
+        self.refreshed_ago = refreshed_ago
         self.announcement: fleet.Token | None = None  # sent to the other replicas once the lease has committed
         self.pending: tuple[bytes | None, str, datetime] | None = None
 
@@ -318,7 +319,8 @@ class Store:
             .where(account_secrets.c.account_id == account_id)
         )
         if shared:
-            query = query.with_for_update(of=account_secrets)
+            since = func.clock_timestamp() - account_secrets.c.token_refresh_time
+            query = query.add_columns(since.label("refreshed_ago")).with_for_update(of=account_secrets)
         lease: RefreshLease | None = None
         body_done = False
         try:
@@ -375,7 +377,11 @@ class Store:
                 dek, row.refresh_token, secret_aad("account_secrets", "refresh_token", account_id, SCHEMA_VERSION)
             )
         )
-        return RefreshLease(self, locked, account_id, dek, refresh_token, row.token_generation, row.token_refresh_time)
+        if locked is not None:
+            refreshed_ago = row.refreshed_ago
+        else:
+            refreshed_ago = None if row.token_refresh_time is None else self._clock() - row.token_refresh_time
+        return RefreshLease(self, locked, account_id, dek, refresh_token, row.token_generation, refreshed_ago)
 
     def _save_refresh(
         self,
@@ -386,7 +392,8 @@ class Store:
         expire_time: datetime,
     ) -> int | None:
         generation = lease.generation + 1
-        values: dict[str, object] = {"token_generation": generation, "token_refresh_time": self._clock()}
+        now = func.clock_timestamp() if lease.shared else self._clock()  # the clock refreshed_ago is read by
+        values: dict[str, object] = {"token_generation": generation, "token_refresh_time": now}
         if refresh_token is not None:
             values["refresh_token"] = _seal_secret(lease.dek, lease.account_id, "refresh_token", refresh_token)
             values["update_time"] = self._clock()
