@@ -339,6 +339,8 @@ async def _start(
     if metrics_port is not None:
         log.info("metrics", extra={"event": "metrics_serving", "port": metrics_port})
     fleet_listener = _start_fleet_listener(engine, store, access_tokens, feeds, drivers)
+    if fleet_listener is not None and metrics is not None:
+        metrics.watch_fleet(fleet_listener.connected)
     await server.start()
     auto_eraser = _start_auto_eraser(config, store, erasure, blocking)
     sweeper = IdempotencySweeper(store, blocking, retention=timedelta(hours=config.mail.idempotency_retention_hours))

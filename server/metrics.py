@@ -108,6 +108,10 @@ class Metrics:
         """Report the state of these parts of the broker whenever the endpoint is scraped."""
         self.registry.register(_StateCollector(providers, tokens, feeds, mailboxes, drivers, dict(pools)))
 
+    def watch_fleet(self, connected: threading.Event) -> None:
+        """Report whether this replica hears the others (PostgreSQL): ``connected`` is the listener's state."""
+        self.registry.register(_FleetCollector(connected))
+
     def serve(self, listen: str) -> int:
         """Serve /metrics on ``listen`` (HOST:PORT, port 0 for any free one) from a daemon thread; the bound port."""
         host, _, port = listen.rpartition(":")
@@ -126,6 +130,19 @@ class Metrics:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+class _FleetCollector:
+    def __init__(self, connected: threading.Event) -> None:
+        self._connected = connected
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "mailbroker_fleet_listener_connected",
+            "1 while this replica listens to the other replicas' notices on PostgreSQL (erasures, new consents, "
+            "refreshed tokens), 0 while it reconnects",
+            value=1 if self._connected.is_set() else 0,
+        )
 
 
 class _StateCollector:

@@ -25,6 +25,7 @@ class Replica:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    metrics_port: int = 0
 
     @property
     def target(self) -> str:
@@ -69,7 +70,8 @@ def start_replica(name: str, config: Config, directory: Path) -> Replica:
         process.kill()
         process.wait()
         raise RuntimeError(f"replica {name} did not start; its log is {log}")
-    return Replica(name, process, int(line.split()[1]), log)
+    _, port, metrics_port = line.split()
+    return Replica(name, process, int(port), log, int(metrics_port))
 
 
 @contextlib.contextmanager

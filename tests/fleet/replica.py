@@ -1,7 +1,7 @@
 """Run one broker replica in this process: ``python -m tests.fleet.replica CONFIG.pickle``.
 
 The config is a pickled :class:`server.config.Config` (tests build it in Python). The replica prints
-``port <n>`` on stdout once it serves, and stops gracefully on SIGTERM.
+``port <n> <metrics port or 0>`` on stdout once it serves, and stops gracefully on SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ async def main(config: Config) -> None:
     broker = await start(config, environ={})
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
-    print(f"port {broker.port}", flush=True)
+    print(f"port {broker.port} {broker.metrics_port or 0}", flush=True)
     await stopping.wait()
     await broker.stop()
 

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 from sqlalchemy.engine import make_url
 
-from server.config import Config, LimitsConfig, MailConfig
+from server.config import Config, LimitsConfig, MailConfig, MetricsConfig
 from server.crypto.keyring import load_keyring
 from server.store.engine import create_engine
 from server.store.repository import Store
@@ -52,6 +53,7 @@ def fleet_config(tmp_path: Path, pki: TestPki, postgres: PostgresServer, mail_se
     config = on_postgres(broker_config(tmp_path, pki), postgres.new_database())
     return dataclasses.replace(
         config,
+        metrics=MetricsConfig(listen="127.0.0.1:0"),
         imap=dataclasses.replace(config.imap, ca_file=mail_servers.ca_path),
         mail=MailConfig(folder_poll_seconds=0.5),
         limits=LimitsConfig(max_concurrent_calls_per_identity=CALLS + 10),
@@ -77,6 +79,9 @@ async def test_an_account_connected_through_one_replica_is_usable_through_the_ot
         listed = await mail.ListMessages(mpb.ListMessagesRequest(parent=account.name), timeout=30)
         assert [m.subject for m in listed.messages] == ["canary replica one"]
         # Tenancy holds on every replica: another tenant's caller does not see it there either.
+    for replica in fleet:  # and each says, on its /metrics, that it hears the others
+        scrape = await asyncio.to_thread(_scrape, replica.metrics_port)
+        assert "mailbroker_fleet_listener_connected 1.0" in scrape
     async with channel(other, pki, pki.bob) as foreign:
         accounts, _ = stubs(foreign)
         listing = await accounts.ListAccounts(apb.ListAccountsRequest(), timeout=10)
@@ -112,6 +117,11 @@ async def test_delete_through_one_replica_ends_feeds_and_refuses_calls_on_the_ot
             await mail.ListFolders(mpb.ListFoldersRequest(parent=account.name), timeout=10)
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     print(f"\nfigure: feed on the other replica ended {took * 1000:.0f} ms after DeleteAccount was called")
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 async def _watching(mail: object, account: str) -> Any:
