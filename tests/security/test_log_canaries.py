@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import shlex
 import signal
@@ -184,3 +185,16 @@ def test_the_canary_search_finds_every_encoding() -> None:
     ):
         assert leaks(text, {"probe": secret}) == ["probe"]
     assert encoded_forms(secret)
+
+
+def test_pytest_failure_reports_print_captured_logs_redacted(request: pytest.FixtureRequest) -> None:
+    """What pytest shows of captured log lines in a failing test's report goes through the broker's redaction (on
+    a copy: the record other handlers see is untouched, so the canary tests above still see what really leaked)."""
+    plugin = request.config.pluginmanager.get_plugin("logging-plugin")
+    secret = "canary-pw-" + "x9Q2" * 8
+    record = logging.LogRecord("imaplib", logging.WARNING, __file__, 1, "LOGIN user %s", (secret,), None)
+    for handler in (plugin.caplog_handler, plugin.report_handler):
+        shown = handler.format(record)
+        assert "LOGIN" in shown
+        assert secret not in shown, "pytest would print the canary"
+    assert record.args == (secret,)  # the original record is left as it was
