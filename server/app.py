@@ -480,7 +480,7 @@ def _start_fleet_listener(
         if gone:
             run(forget(gone))
 
-    listener = fleet.Listener(engine.url, deliver, reconcile)
+    listener = fleet.Listener(engine.url, deliver, reconcile, store.keyring)
     listener.start()
     return listener
 

@@ -21,22 +21,29 @@ Payloads carry an account id, a generation and ciphertext: no address, no name, 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 
 from server.crypto.aead import open_sealed, seal
 from server.crypto.datakeys import secret_aad
+from server.crypto.keyring import Keyring, KeyringError
 
 log = logging.getLogger("mailbroker.fleet")
+
+_MAC_INFO = b"mailbroker fleet notice v1"
 
 CHANNEL = "mailbroker_fleet"
 # How long the listener waits for a notification before checking whether it should stop.
@@ -71,11 +78,11 @@ class Token:
 Message = Erased | Regranted | Token
 
 
-def send(connection: Connection, message: Message) -> None:
+def send(connection: Connection, message: Message, keyring: Keyring) -> None:
     """Queue ``message`` for the other replicas; it leaves when the connection's transaction commits."""
     if connection.dialect.name != "postgresql":
         return
-    payload = _encode(message)
+    payload = encode(message, keyring)
     if len(payload.encode()) > MAX_PAYLOAD_BYTES:
         # Only a token can be this long. PostgreSQL would refuse it and roll back the refresh with it, losing a
         # rotated refresh token; the other replicas refresh for themselves instead.
@@ -101,20 +108,45 @@ def open_token(dek: bytes, message: Token) -> tuple[str, datetime] | None:
         return None
 
 
-def _encode(message: Message) -> str:
+def _mac_key(kek: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive(kek)
+
+
+def _mac(key: bytes, fields: Mapping[str, object]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+
+
+def encode(message: Message, keyring: Keyring) -> str:
+    """The NOTIFY payload: the message's fields and an HMAC-SHA256 over them keyed from the current KEK (``v``
+    names its version), so that only a holder of the broker's keys can send what replicas act on."""
+    fields: dict[str, object]
     if isinstance(message, Erased):
-        return json.dumps({"t": "erased", "a": message.account_id})
-    if isinstance(message, Regranted):
-        return json.dumps({"t": "regranted", "a": message.account_id})
-    return json.dumps(
-        {"t": "token", "a": message.account_id, "g": message.generation, "s": base64.b64encode(message.sealed).decode()}
-    )
+        fields = {"t": "erased", "a": message.account_id}
+    elif isinstance(message, Regranted):
+        fields = {"t": "regranted", "a": message.account_id}
+    else:
+        fields = {
+            "t": "token",
+            "a": message.account_id,
+            "g": message.generation,
+            "s": base64.b64encode(message.sealed).decode(),
+        }
+    version, kek = keyring.current()
+    return json.dumps({**fields, "v": version, "m": _mac(_mac_key(kek), fields)})
 
 
-def decode(payload: str) -> Message | None:
-    """Parse a notification; None for anything this version does not understand."""
+def decode(payload: str, keyring: Keyring) -> Message | None:
+    """Parse a notification; None for one whose MAC does not check out under the keyring (forged, or from a broker
+    with other keys) and for anything this version does not understand."""
     try:
         document = json.loads(payload)
+        mac = document.pop("m")
+        version = document.pop("v")
+        if not isinstance(mac, str) or not isinstance(version, int):
+            return None
+        if not hmac.compare_digest(mac, _mac(_mac_key(keyring.kek(version)), document)):
+            return None
         account_id = document["a"]
         if not isinstance(account_id, str):
             return None
@@ -124,7 +156,7 @@ def decode(payload: str) -> Message | None:
             return Regranted(account_id)
         if document["t"] == "token":
             return Token(account_id, int(document["g"]), base64.b64decode(document["s"], validate=True))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, KeyringError):
         return None
     return None
 
@@ -142,7 +174,9 @@ class Listener:
         url: URL,
         deliver: Callable[[Message], None],
         reconcile: Callable[[bool], None],
+        keyring: Keyring,
     ) -> None:
+        self._keyring = keyring
         # Connection arguments, not a rendered URL: a password with spaces or other specials stays intact.
         self._connect_args: dict[str, Any] = {
             **{k: v for k, v in url.translate_connect_args(username="user", database="dbname").items() if v},
@@ -176,7 +210,7 @@ class Listener:
                     pinged = reconciled = time.monotonic()
                     while not self._stop.is_set():
                         for notification in connection.notifies(timeout=POLL_SECONDS):
-                            message = decode(notification.payload)
+                            message = decode(notification.payload, self._keyring)
                             if message is not None:
                                 self._dispatch(message)
                         if time.monotonic() - pinged > PING_SECONDS:

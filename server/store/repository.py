@@ -129,6 +129,10 @@ class Store:
         self._audit_lock = threading.Lock()
         self._audit_anchor = audit_anchor
 
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
     # Accounts
 
     def create_account(self, account: Account, secrets: Mapping[str, bytes]) -> None:
@@ -418,7 +422,7 @@ class Store:
             return
         try:
             with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                fleet.send(connection, message)
+                fleet.send(connection, message, self._keyring)
         except Exception as exc:
             log.warning(
                 "could not notify the other replicas",

@@ -229,8 +229,8 @@ async def test_a_forged_erasure_notice_ends_nothing(
     mail_servers: MailServers,
     mailbox: Mailbox,
 ) -> None:
-    """Anyone who can connect to the database can NOTIFY on the fleet's channel; a replica acts on an erasure only
-    once the store agrees the account is gone."""
+    """Anyone who can connect to the database can NOTIFY on the fleet's channel: a replica acts only on notices
+    MACed with the broker's KEK, and on an erasure only once the store agrees the account is gone."""
     one, other = fleet
     async with channel(one, pki, pki.alice) as first, channel(other, pki, pki.alice) as second:
         account = await stubs(first)[0].ConnectImapAccount(connect_request(mail_servers, mailbox), timeout=30)
