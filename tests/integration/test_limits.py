@@ -43,6 +43,7 @@ class SilentImapServer:
         self.swallowed: asyncio.Queue[bytes] = asyncio.Queue()
         self.closed: asyncio.Queue[None] = asyncio.Queue()
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> SilentImapServer:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -51,6 +52,8 @@ class SilentImapServer:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in list(self._writers):  # connections a failed test left open, so no transport outlives it
+            writer.close()
 
     @property
     def port(self) -> int:
@@ -58,6 +61,7 @@ class SilentImapServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         writer.write(b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n")
         try:
             while line := await reader.readline():
@@ -73,6 +77,7 @@ class SilentImapServer:
         except ConnectionError:
             pass
         await self.closed.put(None)
+        self._writers.discard(writer)
         writer.close()
 
 

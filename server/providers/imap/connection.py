@@ -37,6 +37,8 @@ from server.providers.imap.network import NetworkGuard
 
 # A socket timeout of 0 would make the socket non-blocking: the least a capped timeout can be.
 MIN_TIMEOUT_SECONDS = 0.05
+# A timeout this close to the caller's deadline was the deadline (socket timers and clocks differ by a few ms).
+DEADLINE_SLACK_SECONDS = 0.05
 
 
 class _NoLoginEcho(logging.Filter):
@@ -89,6 +91,10 @@ def provider_errors() -> Iterator[None]:
             "the mail server lacks a required capability (STARTTLS or AUTH)", reason="PROVIDER_CAPABILITY_MISSING"
         ) from exc
     except TimeoutError as exc:
+        if _deadline_reached():
+            # The command's timeout was the caller's deadline (see capped): the call ran out of time, which is the
+            # caller's answer, not the mail server's failure.
+            raise DeadlineExceeded("the call's deadline passed while the mail server was asked") from exc
         raise ProviderUnavailable("the mail server did not answer in time", reason="PROVIDER_TIMEOUT") from exc
     except socket.gaierror as exc:
         raise ProviderUnavailable(
@@ -111,6 +117,11 @@ def provider_errors() -> Iterator[None]:
     except OSError as exc:
         # Last: smtplib's exceptions are OSErrors too, and must keep their own meaning above.
         raise ProviderUnavailable("the mail server cannot be reached", reason="PROVIDER_UNREACHABLE") from exc
+
+
+def _deadline_reached() -> bool:
+    left = deadline.remaining()
+    return left is not None and left <= DEADLINE_SLACK_SECONDS
 
 
 def capped(timeout: float) -> float:

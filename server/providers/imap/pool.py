@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from imapclient import IMAPClient
 
 from server.domain.blocking import BlockingPool
-from server.errors import ProviderUnavailable
+from server.errors import DeadlineExceeded, ProviderUnavailable
 from server.providers.imap.connection import (
     ConnectionLost,
     abort_connection,
@@ -208,7 +208,7 @@ class ImapPool:
             abort_connection(session.client)
             work.add_done_callback(lambda _: self._retire_later(session))
             raise
-        except ProviderUnavailable:
+        except (ProviderUnavailable, DeadlineExceeded):  # a command may be half-done on it: cut it
             await self._release(session, broken=True)
             raise
         except BaseException:
