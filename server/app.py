@@ -467,6 +467,8 @@ def _start_fleet_listener(
             store.forget_cached_accounts()
             run(regranted(message.account_id))
             return
+        if not access_tokens.wants(message.account_id):
+            return  # not worth a read of the store
         opened = store.open_token(message)
         if opened is not None:
             access_tokens.accept(message.account_id, message.generation, *opened)

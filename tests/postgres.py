@@ -158,6 +158,15 @@ class PostgresServer:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
 
+    def disk_bytes(self, database: str) -> bytes:
+        """Every byte ``database`` has on disk, after a CHECKPOINT: its data files and the write-ahead log."""
+        self.checkpoint()
+        with self.connect() as connection:
+            row = connection.execute("SELECT oid FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        assert row is not None, "no such database"
+        files = [*(self.data_dir / "base" / str(row[0])).iterdir(), *(self.data_dir / "pg_wal").glob("0*")]
+        return b"".join(path.read_bytes() for path in files if path.is_file())
+
     def checkpoint(self) -> None:
         """Write every dirty page to the data files (so tests can read what is on disk)."""
         with self.connect(autocommit=True) as connection:

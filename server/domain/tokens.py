@@ -102,10 +102,14 @@ class AccessTokens:
         self._cache.pop(account_id, None)
         self._seen.pop(account_id, None)
 
+    def wants(self, account_id: str) -> bool:
+        """Whether a token another replica refreshed is of use here: for an account this replica has used or is
+        refreshing (it does not collect the tokens of every account in the fleet). Safe from any thread."""
+        return account_id in self._seen or account_id in self._inflight
+
     def accept(self, account_id: str, generation: int, token: str, expire_time: datetime) -> None:
-        """Take a token another replica refreshed (newer generations only), for an account this replica has used or
-        is refreshing: it does not collect the tokens of every account in the fleet. Safe from any thread."""
-        if account_id not in self._seen and account_id not in self._inflight:
+        """Take a token another replica refreshed (newer generations only, and only if :meth:`wants`)."""
+        if not self.wants(account_id):
             return
         if self._seen.get(account_id, 0) < generation:
             self._seen[account_id] = generation

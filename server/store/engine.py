@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from server.errors import ConfigurationError
+from server.store.schema import audit_events, metadata
 
 # Execution option: "this transaction will write". Other backends ignore it.
 WRITE_INTENT = "mailbroker_write_intent"
@@ -33,18 +34,6 @@ _SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=5000",
     "PRAGMA synchronous=NORMAL",
-)
-
-
-# Tables that hold rows about an account (all but the audit log), vacuumed after an erasure on PostgreSQL.
-_ACCOUNT_TABLES = (
-    "accounts",
-    "data_keys",
-    "account_secrets",
-    "consents",
-    "feed_cursors",
-    "idempotency_records",
-    "oauth_states",
 )
 
 
@@ -94,8 +83,9 @@ def checkpoint_and_vacuum(engine: Engine) -> bool:
     """
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as autocommit:
-            for table in _ACCOUNT_TABLES:
-                autocommit.exec_driver_sql(f"VACUUM {table}")
+            for table in metadata.sorted_tables:
+                if table is not audit_events:  # every table that holds rows about an account
+                    autocommit.exec_driver_sql(f"VACUUM {table.name}")
         return True
     if engine.dialect.name != "sqlite":
         return True

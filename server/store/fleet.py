@@ -79,13 +79,10 @@ Message = Erased | Regranted | Token
 
 
 def send(connection: Connection, message: Message, keyring: Keyring) -> None:
-    """Queue ``message`` for the other replicas; it leaves when the connection's transaction commits."""
-    if connection.dialect.name != "postgresql":
-        return
+    """NOTIFY the other replicas of ``message`` on a PostgreSQL ``connection`` (the store's, in autocommit)."""
     payload = encode(message, keyring)
     if len(payload.encode()) > MAX_PAYLOAD_BYTES:
-        # Only a token can be this long. PostgreSQL would refuse it and roll back the refresh with it, losing a
-        # rotated refresh token; the other replicas refresh for themselves instead.
+        # Only a token can be this long, and PostgreSQL would refuse it: the other replicas refresh for themselves.
         return
     connection.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload})
 

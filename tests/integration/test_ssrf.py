@@ -17,7 +17,7 @@ from mailbroker.v1 import account_service_pb2 as apb
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import ImapConfig
+from server.config import Config, ImapConfig
 from server.domain.models import MailServer, TransportSecurity
 from server.errors import PermissionDenied, ProviderUnavailable
 from server.providers.imap import network
@@ -149,6 +149,17 @@ def test_a_name_rebound_to_a_private_address_is_refused_and_connections_go_to_th
     assert tried == [("8.8.4.4", 993), ("2001:4860:4860::8844", 993)]
 
 
+async def _connect_refused(
+    config: Config, pki: TestPki, request: apb.ConnectImapAccountRequest
+) -> grpc.aio.AioRpcError:
+    """The error ConnectImapAccount ends with, on a broker of ``config``."""
+    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
+        accounts, _ = stubs(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await accounts.ConnectImapAccount(request, timeout=20)
+    return caught.value
+
+
 def _imap_server(host: str, port: int = 993) -> rpb.MailServer:
     """A server with implicit TLS (IMAPS 993, or SMTPS with ``port=465``)."""
     return rpb.MailServer(host=host, port=port, security=rpb.TRANSPORT_SECURITY_IMPLICIT_TLS)
@@ -159,24 +170,21 @@ async def test_connect_refuses_an_internal_address_literal_before_any_connection
     tmp_path: Path, pki: TestPki, host: str
 ) -> None:
     config = dataclasses.replace(broker_config(tmp_path, pki), imap=ImapConfig())
-    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
-        accounts, _ = stubs(channel)
-        request = apb.ConnectImapAccountRequest(
-            imap_server=_imap_server(host),
-            username="someone@example.test",
-            password="irrelevant",
-            capabilities=[rpb.CAPABILITY_READ],
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await accounts.ConnectImapAccount(request, timeout=20)
-    assert _refused(caught.value) == (
+    request = apb.ConnectImapAccountRequest(
+        imap_server=_imap_server(host),
+        username="someone@example.test",
+        password="irrelevant",
+        capabilities=[rpb.CAPABILITY_READ],
+    )
+    error = await _connect_refused(config, pki, request)
+    assert _refused(error) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "HOST_NOT_ALLOWED",
         {"server": "imap_server"},
         ["imap_server.host"],
     )
-    assert _says_which(caught.value, "IMAP")
-    assert host not in (caught.value.details() or "")
+    assert _says_which(error, "IMAP")
+    assert host not in (error.details() or "")
 
 
 @pytest.mark.parametrize(
@@ -190,22 +198,19 @@ async def test_a_refused_smtp_address_literal_is_told_apart_from_the_imap_one(
     tmp_path: Path, pki: TestPki, imap_host: str, smtp_host: str, server: str, names: tuple[str, ...]
 ) -> None:
     config = dataclasses.replace(broker_config(tmp_path, pki), imap=ImapConfig())
-    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
-        accounts, _ = stubs(channel)
-        request = apb.ConnectImapAccountRequest(
-            imap_server=_imap_server(imap_host),
-            smtp_server=_imap_server(smtp_host, 465),
-            username="someone@example.test",
-            password="irrelevant",
-            capabilities=ALL,
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await accounts.ConnectImapAccount(request, timeout=20)
-    code, reason, metadata, fields = _refused(caught.value)
+    request = apb.ConnectImapAccountRequest(
+        imap_server=_imap_server(imap_host),
+        smtp_server=_imap_server(smtp_host, 465),
+        username="someone@example.test",
+        password="irrelevant",
+        capabilities=ALL,
+    )
+    error = await _connect_refused(config, pki, request)
+    code, reason, metadata, fields = _refused(error)
     assert (code, reason, metadata) == (grpc.StatusCode.PERMISSION_DENIED, "HOST_NOT_ALLOWED", {"server": server})
     assert fields == [f"{role}.host" for role in server.split(",")]
-    assert _says_which(caught.value, *names)
-    assert smtp_host not in (caught.value.details() or "") and imap_host not in (caught.value.details() or "")
+    assert _says_which(error, *names)
+    assert smtp_host not in (error.details() or "") and imap_host not in (error.details() or "")
 
 
 async def test_connect_refuses_a_name_that_resolves_to_an_internal_address(
@@ -213,24 +218,21 @@ async def test_connect_refuses_a_name_that_resolves_to_an_internal_address(
 ) -> None:
     stub_resolver.answers = [["10.9.8.7"]]
     config = dataclasses.replace(broker_config(tmp_path, pki), imap=ImapConfig())
-    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
-        accounts, _ = stubs(channel)
-        request = apb.ConnectImapAccountRequest(
-            imap_server=_imap_server("mail.internal.test"),
-            username="someone@example.test",
-            password="irrelevant",
-            capabilities=[rpb.CAPABILITY_READ],
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await accounts.ConnectImapAccount(request, timeout=20)
-    assert _refused(caught.value) == (
+    request = apb.ConnectImapAccountRequest(
+        imap_server=_imap_server("mail.internal.test"),
+        username="someone@example.test",
+        password="irrelevant",
+        capabilities=[rpb.CAPABILITY_READ],
+    )
+    error = await _connect_refused(config, pki, request)
+    assert _refused(error) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "HOST_NOT_ALLOWED",
         {"server": "imap_server"},
         [],
     )
-    assert _says_which(caught.value, "IMAP")
-    assert "internal" not in (caught.value.details() or "")
+    assert _says_which(error, "IMAP")
+    assert "internal" not in (error.details() or "")
     assert stub_resolver.lookups == ["mail.internal.test"]
 
 
@@ -240,21 +242,18 @@ async def test_an_smtp_server_name_that_resolves_to_an_internal_address_is_refus
     # The IMAP server (Dovecot on 127.0.0.1, allowed) logs in; the SMTP server's name resolves to a private address.
     stub_resolver.answers = [["127.0.0.1"], ["10.9.8.7"]]
     config = imap_config(tmp_path, pki, mail_servers, allowed_networks=("127.0.0.1/32",))
-    async with running_broker(config, pki) as running, running.channel(pki.alice) as channel:
-        accounts, _ = stubs(channel)
-        request = connect_request(mail_servers, mailbox)
-        request.imap_server.host = "localhost"  # the name on Dovecot's certificate
-        request.smtp_server.host = "smtp.internal.test"
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await accounts.ConnectImapAccount(request, timeout=20)
-    assert _refused(caught.value) == (
+    request = connect_request(mail_servers, mailbox)
+    request.imap_server.host = "localhost"  # the name on Dovecot's certificate
+    request.smtp_server.host = "smtp.internal.test"
+    error = await _connect_refused(config, pki, request)
+    assert _refused(error) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "HOST_NOT_ALLOWED",
         {"server": "smtp_server"},
         [],
     )
-    assert _says_which(caught.value, "SMTP")
-    assert "internal" not in (caught.value.details() or "")
+    assert _says_which(error, "SMTP")
+    assert "internal" not in (error.details() or "")
     assert stub_resolver.lookups == ["localhost", "smtp.internal.test"]
 
 

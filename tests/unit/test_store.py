@@ -141,6 +141,15 @@ def engine(store_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
+def pg_engine(postgres: PostgresServer) -> Iterator[Engine]:
+    """A migrated engine on a fresh PostgreSQL database, for the tests about PostgreSQL alone."""
+    engine = create_engine(postgres.new_database())
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def unchecked_engine(store_url: str, backend: str) -> Iterator[Engine]:
     """An engine on the same database that does not enforce foreign keys, as a careless operator's tool would."""
     engine = sqlalchemy.create_engine(create_engine(store_url).url)
@@ -163,15 +172,7 @@ def on_disk(backend: str, store_url: str, engine: Engine, request: pytest.Fixtur
         path = Path(make_url(store_url).database or "")
         return lambda: disk_bytes(path)
     postgres: PostgresServer = request.getfixturevalue("postgres")
-
-    def read() -> bytes:
-        postgres.checkpoint()
-        with engine.connect() as connection:
-            oid = connection.exec_driver_sql("SELECT oid FROM pg_database WHERE datname = current_database()").scalar()
-        files = [*(postgres.data_dir / "base" / str(oid)).iterdir(), *(postgres.data_dir / "pg_wal").glob("0*")]
-        return b"".join(path.read_bytes() for path in files if path.is_file())
-
-    return read
+    return lambda: postgres.disk_bytes(engine.url.database or "")
 
 
 @pytest.fixture
@@ -867,57 +868,51 @@ def test_idempotency_claims_replays_and_releases(store: Store, on_disk: Callable
 # --- PostgreSQL: erasure by crypto-shredding ----------------------------------------------------------------------
 
 
-def test_erasure_on_postgresql_leaves_only_ciphertext_that_no_remaining_key_opens(postgres: PostgresServer) -> None:
+def test_erasure_on_postgresql_leaves_only_ciphertext_that_no_remaining_key_opens(
+    pg_engine: Engine, postgres: PostgresServer
+) -> None:
     """PostgreSQL keeps deleted rows as dead tuples, in freed page space and in its write-ahead log. What it keeps
     of an erased account is sealed, and once the KEK version that wrapped the account's data key is retired (the
     README's procedure: rotate, rewrap, retire), no key the broker holds opens any of it."""
-    engine = create_engine(postgres.new_database())
-    try:
-        upgrade(engine)
-        v1 = new_keyring(1)
-        store = Store(engine, v1)
-        password, refresh_token = canary("pw"), canary("rt")
-        email, imap_host = canary("email") + "@example.test", canary("imap") + ".example.test"
-        profile = AccountProfile(
-            email_address=email,
-            username=canary("user"),
-            imap_server=MailServer(imap_host, 993, TransportSecurity.IMPLICIT_TLS),
-            smtp_server=None,
-        )
-        account, bystander = make_account(profile=profile), make_account()
-        store.create_account(account, {"imap_password": password.encode(), "refresh_token": refresh_token.encode()})
-        store.create_account(bystander, {"imap_password": b"bystander"})
-        wrapped = raw_value(engine, data_keys.c.wrapped, account.id)
-        sealed_password = raw_value(engine, account_secrets.c.imap_password, account.id)
+    engine = pg_engine
+    v1 = new_keyring(1)
+    store = Store(engine, v1)
+    password, refresh_token = canary("pw"), canary("rt")
+    email, imap_host = canary("email") + "@example.test", canary("imap") + ".example.test"
+    profile = AccountProfile(
+        email_address=email,
+        username=canary("user"),
+        imap_server=MailServer(imap_host, 993, TransportSecurity.IMPLICIT_TLS),
+        smtp_server=None,
+    )
+    account, bystander = make_account(profile=profile), make_account()
+    store.create_account(account, {"imap_password": password.encode(), "refresh_token": refresh_token.encode()})
+    store.create_account(bystander, {"imap_password": b"bystander"})
+    wrapped = raw_value(engine, data_keys.c.wrapped, account.id)
+    sealed_password = raw_value(engine, account_secrets.c.imap_password, account.id)
 
-        assert store.delete_account(account.id)
-        assert checkpoint_and_vacuum(engine)
-        postgres.checkpoint()
-        with engine.connect() as connection:
-            oid = connection.exec_driver_sql("SELECT oid FROM pg_database WHERE datname = current_database()").scalar()
-        files = [*(postgres.data_dir / "base" / str(oid)).iterdir(), *(postgres.data_dir / "pg_wal").glob("0*")]
-        disk = b"".join(path.read_bytes() for path in files if path.is_file())
+    assert store.delete_account(account.id)
+    assert checkpoint_and_vacuum(engine)
+    disk = postgres.disk_bytes(engine.url.database or "")
 
-        plaintext = [*encodings(password), *encodings(refresh_token), email.encode(), imap_host.encode()]
-        assert [i for i, value in enumerate(plaintext) if value in disk] == [], "plaintext (by index) on disk"
-        # The wrapped data key survives somewhere (the WAL at least): this is why the KEK has to be retired.
-        assert wrapped in disk, "the scan does not see the write-ahead log"
-        # Until then, the v1 KEK still opens it: erasure on PostgreSQL is complete only after retirement.
-        dek = unwrap_data_key(v1, account.id, 1, wrapped)
-        assert len(dek) == 32
+    plaintext = [*encodings(password), *encodings(refresh_token), email.encode(), imap_host.encode()]
+    assert [i for i, value in enumerate(plaintext) if value in disk] == [], "plaintext (by index) on disk"
+    # The wrapped data key survives somewhere (the WAL at least): this is why the KEK has to be retired.
+    assert wrapped in disk, "the scan does not see the write-ahead log"
+    # Until then, the v1 KEK still opens it: erasure on PostgreSQL is complete only after retirement.
+    dek = unwrap_data_key(v1, account.id, 1, wrapped)
+    assert len(dek) == 32
 
-        # Rotate: v2 becomes current, every live data key is rewrapped, then v1 is retired (deleted from the file).
-        v1_v2 = Keyring(current_version=2, keys={1: v1.kek(1), 2: secrets.token_bytes(32)})
-        assert rewrap_data_keys(engine, v1_v2) == 1  # the bystander only: the erased account has no row left
-        v2 = Keyring(current_version=2, keys={2: v1_v2.kek(2)})
-        with pytest.raises(KeyringError):
-            unwrap_data_key(v2, account.id, 1, wrapped)
-        with pytest.raises(DecryptionError):
-            unwrap_data_key(v2, account.id, 2, wrapped)
-        assert Store(engine, v2).read_secret(bystander.id, "imap_password") == b"bystander"
-        assert sealed_password != password.encode()
-    finally:
-        engine.dispose()
+    # Rotate: v2 becomes current, every live data key is rewrapped, then v1 is retired (deleted from the file).
+    v1_v2 = Keyring(current_version=2, keys={1: v1.kek(1), 2: secrets.token_bytes(32)})
+    assert rewrap_data_keys(engine, v1_v2) == 1  # the bystander only: the erased account has no row left
+    v2 = Keyring(current_version=2, keys={2: v1_v2.kek(2)})
+    with pytest.raises(KeyringError):
+        unwrap_data_key(v2, account.id, 1, wrapped)
+    with pytest.raises(DecryptionError):
+        unwrap_data_key(v2, account.id, 2, wrapped)
+    assert Store(engine, v2).read_secret(bystander.id, "imap_password") == b"bystander"
+    assert sealed_password != password.encode()
 
 
 @pytest.mark.parametrize(
@@ -945,24 +940,20 @@ def test_an_unreachable_database_is_a_configuration_error_naming_neither_host_no
     assert "127.0.0.1" not in str(caught.value)
 
 
-def test_a_token_too_long_for_a_notify_does_not_cost_the_refresh(postgres: PostgresServer) -> None:
+def test_a_token_too_long_for_a_notify_does_not_cost_the_refresh(pg_engine: Engine) -> None:
     """A refresh stores its rotated refresh token even when the access token cannot be shared (PostgreSQL refuses
     NOTIFY payloads of 8,000 bytes): the transaction must not fail with it."""
-    engine = create_engine(postgres.new_database())
-    try:
-        upgrade(engine)
-        store = Store(engine, new_keyring(1))
-        account = make_account()
-        store.create_account(account, {"refresh_token": b"old"})
-        for access_token in ("short", "x" * 20_000):
-            with store.refresh_lease(account.id) as lease:
-                assert lease.shared
-                lease.save(f"rotated-{len(access_token)}".encode(), access_token, T0 + timedelta(hours=1))
-            assert store.read_secret(account.id, "refresh_token") == f"rotated-{len(access_token)}".encode()
+    engine = pg_engine
+    store = Store(engine, new_keyring(1))
+    account = make_account()
+    store.create_account(account, {"refresh_token": b"old"})
+    for access_token in ("short", "x" * 20_000):
         with store.refresh_lease(account.id) as lease:
-            assert lease.generation == 2
-    finally:
-        engine.dispose()
+            assert lease.shared
+            lease.save(f"rotated-{len(access_token)}".encode(), access_token, T0 + timedelta(hours=1))
+        assert store.read_secret(account.id, "refresh_token") == f"rotated-{len(access_token)}".encode()
+    with store.refresh_lease(account.id) as lease:
+        assert lease.generation == 2
 
 
 def test_idempotency_records_past_their_retention_are_purged(store: Store, clock: Clock) -> None:
@@ -980,23 +971,19 @@ def test_idempotency_records_past_their_retention_are_purged(store: Store, clock
     assert store.purge_requests(T0 + timedelta(days=2)) == 2
 
 
-def test_a_refresh_lease_held_elsewhere_is_waited_for_only_until_the_deadline(postgres: PostgresServer) -> None:
+def test_a_refresh_lease_held_elsewhere_is_waited_for_only_until_the_deadline(pg_engine: Engine) -> None:
     """Two replicas: the second waits on the first's row lock, but not past its caller's deadline."""
-    engine = create_engine(postgres.new_database())
-    try:
-        upgrade(engine)
-        store = Store(engine, new_keyring(1))
-        account = make_account()
-        store.create_account(account, {"refresh_token": b"rt"})
-        with store.refresh_lease(account.id) as held:
-            assert held.shared
-            with pytest.raises(DeadlineExceeded) as caught, store.refresh_lease(account.id, wait_seconds=0.2):
-                pass
-            assert caught.value.reason == "TOKEN_REFRESH_BUSY"
-        with store.refresh_lease(account.id, wait_seconds=0.2) as free:  # released: no wait at all
-            assert free.refresh_token == b"rt"
-    finally:
-        engine.dispose()
+    engine = pg_engine
+    store = Store(engine, new_keyring(1))
+    account = make_account()
+    store.create_account(account, {"refresh_token": b"rt"})
+    with store.refresh_lease(account.id) as held:
+        assert held.shared
+        with pytest.raises(DeadlineExceeded) as caught, store.refresh_lease(account.id, wait_seconds=0.2):
+            pass
+        assert caught.value.reason == "TOKEN_REFRESH_BUSY"
+    with store.refresh_lease(account.id, wait_seconds=0.2) as free:  # released: no wait at all
+        assert free.refresh_token == b"rt"
 
 
 def test_a_refresh_that_raced_a_new_consent_does_not_overwrite_it(store: Store, db_path: Path) -> None:
@@ -1014,28 +1001,24 @@ def test_a_refresh_that_raced_a_new_consent_does_not_overwrite_it(store: Store, 
     assert store.read_secret(account.id, "refresh_token") == b"grant-2-rotated"
 
 
-def test_a_rotated_refresh_token_survives_a_failed_commit_of_its_lease(postgres: PostgresServer) -> None:
+def test_a_rotated_refresh_token_survives_a_failed_commit_of_its_lease(pg_engine: Engine) -> None:
     """The provider has retired the old refresh token when the lease's COMMIT fails (a dropped connection): the
     new one is stored in a fresh transaction, not lost."""
-    engine = create_engine(postgres.new_database())
-    try:
-        upgrade(engine)
-        store = Store(engine, new_keyring(1))
-        account = make_account()
-        store.create_account(account, {"refresh_token": b"old"})
-        failures = [sqlalchemy.exc.OperationalError("COMMIT", None, Exception("connection lost"))]
+    engine = pg_engine
+    store = Store(engine, new_keyring(1))
+    account = make_account()
+    store.create_account(account, {"refresh_token": b"old"})
+    failures = [sqlalchemy.exc.OperationalError("COMMIT", None, Exception("connection lost"))]
 
-        def fail_once(_connection: Any) -> None:
-            if failures:
-                raise failures.pop()
+    def fail_once(_connection: Any) -> None:
+        if failures:
+            raise failures.pop()
 
-        with store.refresh_lease(account.id) as lease:
-            event.listen(engine, "commit", fail_once)
-            assert lease.save(b"rotated", "access", T0 + timedelta(hours=1)) == 1
-        event.remove(engine, "commit", fail_once)
-        assert failures == []  # the COMMIT did fail
-        assert store.read_secret(account.id, "refresh_token") == b"rotated"
-        with store.refresh_lease(account.id) as lease:
-            assert lease.generation == 1
-    finally:
-        engine.dispose()
+    with store.refresh_lease(account.id) as lease:
+        event.listen(engine, "commit", fail_once)
+        assert lease.save(b"rotated", "access", T0 + timedelta(hours=1)) == 1
+    event.remove(engine, "commit", fail_once)
+    assert failures == []  # the COMMIT did fail
+    assert store.read_secret(account.id, "refresh_token") == b"rotated"
+    with store.refresh_lease(account.id) as lease:
+        assert lease.generation == 1

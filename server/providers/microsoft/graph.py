@@ -311,86 +311,62 @@ class GraphDriver:
         invalid: BrokerError | None = None,
         stream: bool = False,
     ) -> requests.Response:
-        """One Graph call, its retries included, counted for the metrics (see :meth:`_request_retrying`)."""
+        """A successful response, after any retries (one Graph call for the metrics). With ``stream`` the caller owns
+        one of the mailbox's request slots until it calls :meth:`_release` (the body is still being read)."""
         with self._settings.stats.counting(MICROSOFT):
-            return await self._request_retrying(
-                method,
-                url,
-                params=params,
-                headers=headers,
-                data=data,
-                not_found=not_found,
-                sending=sending,
-                invalid=invalid,
-                stream=stream,
-            )
-
-    async def _request_retrying(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-        data: bytes | None = None,
-        not_found: str = "NOT_FOUND",
-        sending: bool = False,
-        invalid: BrokerError | None = None,
-        stream: bool = False,
-    ) -> requests.Response:
-        """A successful response. With ``stream`` the caller owns one of the mailbox's request slots until it calls
-        :meth:`_release` (the body is still being read)."""
-        loop = asyncio.get_running_loop()
-        budget = self._settings.max_retry_seconds
-        left = deadline.remaining()
-        if left is not None:
-            # Stop retrying in time to answer with the reason before the caller's deadline cuts the call off.
-            budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
-        give_up = loop.time() + budget
-        attempt = 0
-        refreshed = False
-        while True:
-            attempt += 1
-            token = await self._tokens.access_token()
-            await self._limit.acquire()
-            keep = False
-            try:
-                response = await self._pool.run(self._send, method, url, token, params, headers, data, stream)
-                keep = stream and response.status_code < 300
-            except (requests.RequestException, OSError) as exc:
-                never = _never_connected(exc)
-                if sending and not never:
-                    # The request may have reached Graph before the connection failed.
-                    raise OutcomeUnknown("the connection to the provider failed while sending") from None
-                if attempt > CONNECT_RETRIES or loop.time() > give_up:
-                    raise ProviderUnavailable("the provider cannot be reached", reason="PROVIDER_UNREACHABLE") from None
+            loop = asyncio.get_running_loop()
+            budget = self._settings.max_retry_seconds
+            left = deadline.remaining()
+            if left is not None:
+                # Stop retrying in time to answer with the reason before the caller's deadline cuts the call off.
+                budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
+            give_up = loop.time() + budget
+            attempt = 0
+            refreshed = False
+            while True:
+                attempt += 1
+                token = await self._tokens.access_token()
+                await self._limit.acquire()
+                keep = False
+                try:
+                    response = await self._pool.run(self._send, method, url, token, params, headers, data, stream)
+                    keep = stream and response.status_code < 300
+                except (requests.RequestException, OSError) as exc:
+                    never = _never_connected(exc)
+                    if sending and not never:
+                        # The request may have reached Graph before the connection failed.
+                        raise OutcomeUnknown("the connection to the provider failed while sending") from None
+                    if attempt > CONNECT_RETRIES or loop.time() > give_up:
+                        raise ProviderUnavailable(
+                            "the provider cannot be reached", reason="PROVIDER_UNREACHABLE"
+                        ) from None
+                    self._settings.stats.retry(MICROSOFT)
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                finally:
+                    if not keep:
+                        self._limit.release()
+                status = response.status_code
+                if status < 300:
+                    return response
+                if status == 401 and not refreshed:
+                    self._tokens.invalidate(token)
+                    refreshed = True
+                    self._settings.stats.retry(MICROSOFT)
+                    continue
+                if status == 400 and invalid is not None and _error_code(response).lower() in _INVALID_ID_CODES:
+                    raise invalid
+                error = _map_error(response, not_found, sending=sending)
+                retryable = isinstance(error, RateLimited) or (status in RETRYABLE and not sending)
+                if not retryable:
+                    raise error
+                delay = error.retry_after
+                if delay is None:
+                    delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())  # noqa: S311 - jitter
+                if loop.time() + delay > give_up:
+                    raise error
                 self._settings.stats.retry(MICROSOFT)
-                await asyncio.sleep(0.1 * attempt)
-                continue
-            finally:
-                if not keep:
-                    self._limit.release()
-            status = response.status_code
-            if status < 300:
-                return response
-            if status == 401 and not refreshed:
-                self._tokens.invalidate(token)
-                refreshed = True
-                self._settings.stats.retry(MICROSOFT)
-                continue
-            if status == 400 and invalid is not None and _error_code(response).lower() in _INVALID_ID_CODES:
-                raise invalid
-            error = _map_error(response, not_found, sending=sending)
-            retryable = isinstance(error, RateLimited) or (status in RETRYABLE and not sending)
-            if not retryable:
-                raise error
-            delay = error.retry_after
-            if delay is None:
-                delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())  # noqa: S311 - jitter
-            if loop.time() + delay > give_up:
-                raise error
-            self._settings.stats.retry(MICROSOFT)
-            await asyncio.sleep(delay)
+                await asyncio.sleep(delay)
 
     def _release(self) -> None:
         self._limit.release()
