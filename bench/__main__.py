@@ -25,6 +25,7 @@ from bench import fuzz, imap_feeds, imap_reads, oauth, profiling, scale
 from bench.harness import Run
 from bench.proc import kernel_setting_at_least, raise_open_files_limit
 from bench.report import REPO, FigureResult, render_table, write_json
+from server.config import EVENT_LOOPS, ServerConfig
 from tests.pki import make_test_pki
 
 FIGURES: dict[str, Callable[[Run], FigureResult]] = {
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="record the broker with py-spy during each figure")
     parser.add_argument(
         "--probe", action="store_true", help="run the broker under bench/probe.py: GC pauses and event-loop stalls"
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=ServerConfig().event_loop,
+        help="the broker's and the bare server's event loop ([server] event_loop; default %(default)s)",
     )
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results", help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (broker and Dovecot logs)")
@@ -85,13 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         pki=make_test_pki(workdir),
         profile_dir=args.results / f"{stamp}-profiles" if args.profile else None,
         probe=args.probe,
+        event_loop=args.event_loop,
     )
     results = []
     try:
         # Every imap process of the test Dovecot runs as the dovecot user, and each watching one (or hibernated
         # connection) holds an inotify instance: Linux's default of 128 per user would leave the rest polling.
         with kernel_setting_at_least("fs/inotify/max_user_instances", 8192) as inotify:
-            machine = [inotify, f"RLIMIT_NOFILE {open_files}"]
+            machine = [inotify, f"RLIMIT_NOFILE {open_files}", f"broker event loop {args.event_loop}"]
             print("; ".join(machine), flush=True)
             for name in names:
                 print(f"running {name}{' (quick)' if args.quick else ''} ...", flush=True)

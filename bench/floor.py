@@ -1,8 +1,9 @@
-"""The floor under every broker call: a bare grpc.aio server (Health only, no interceptors) with the same mutual TLS.
+"""The floor under every broker call: a bare grpc.aio server (Health only, no interceptors) with the same mutual TLS,
+on the broker's event loop.
 
-Started as ``python -m bench.floor PKI_DIR`` in its own process, it prints its port and serves until terminated.
-A figure that times Health/Check on it and on the broker learns what Python gRPC over mTLS costs by itself, and
-so what part of a broker call is the broker's own.
+Started as ``python -m bench.floor PKI_DIR EVENT_LOOP`` in its own process, it prints its port and serves until
+terminated. A figure that times Health/Check on it and on the broker learns what Python gRPC over mTLS costs by
+itself, and so what part of a broker call is the broker's own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from bench.report import REPO
+from server.cli import event_loop_factory
 from tests.pki import TestPki
 
 
@@ -45,9 +47,9 @@ async def serve(pki_dir: Path) -> None:
 class BareServer:
     """The bare server in its own process, on a free loopback port (``with`` block)."""
 
-    def __init__(self, pki: TestPki) -> None:
+    def __init__(self, pki: TestPki, event_loop: str) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.floor", str(pki.directory)],
+            [sys.executable, "-m", "bench.floor", str(pki.directory), event_loop],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -87,4 +89,6 @@ def health_check(channel: grpc.Channel) -> Callable[[], object]:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(Path(sys.argv[1])))
+    # On the broker's event loop, so that the floor differs from the broker by the broker alone.
+    with asyncio.Runner(loop_factory=event_loop_factory(sys.argv[2])) as runner:
+        runner.run(serve(Path(sys.argv[1])))

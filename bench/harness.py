@@ -32,6 +32,7 @@ from mailbroker.v1 import resources_pb2 as rpb
 from bench import profiling
 from bench.proc import ProcStatus, status
 from bench.report import REPO, FigureResult
+from server.config import ServerConfig
 from tests.mailserver import Dovecot, Mailbox
 from tests.mailserver.users import MailUsers
 from tests.pki import PemPair, TestPki
@@ -276,6 +277,7 @@ class Run:
     pki: TestPki
     profile_dir: Path | None = None
     probe: bool = False
+    event_loop: str = ServerConfig().event_loop  # the broker's and the bare server's (``--event-loop``)
 
     def count(self, full: N, quick: N) -> N:
         """``full`` in a full run, ``quick`` in a quick one."""
@@ -293,6 +295,8 @@ class Run:
         """A fresh Dovecot and a fresh broker process for one figure (so figures do not share memory or
         connections), stopped afterwards; ``name`` tells apart several environments of one figure."""
         directory = self.workdir / "-".join(filter(None, (result.figure, name)))
+        settings = {**(settings or {})}
+        settings["server"] = {"event_loop": self.event_loop, **settings.get("server", {})}
         with (
             MailHarness(extra_config=dovecot_config) as mail,
             BrokerProcess(directory, self.pki, mail.ca_path, settings=settings, probe=self.probe) as process,

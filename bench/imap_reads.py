@@ -112,7 +112,7 @@ def get_message_vs_imapclient(run: Run) -> FigureResult:
     with (
         run.environment(result) as (mail, broker),
         broker.channel() as channel,
-        BareServer(run.pki) as bare,
+        BareServer(run.pki, run.event_loop) as bare,
         grpc.secure_channel(bare.target, broker.credentials()) as bare_channel,
     ):
         message = OneMessage(mail, channel)

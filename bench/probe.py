@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,16 +62,23 @@ def main() -> None:
     probe = Probe(out_path.open("a", encoding="utf-8"))
     gc.callbacks.append(probe.on_gc)
 
-    class Policy(asyncio.DefaultEventLoopPolicy):
-        def new_event_loop(self) -> asyncio.AbstractEventLoop:
-            loop = super().new_event_loop()
+    from server import cli
+
+    configured = cli.event_loop_factory
+
+    def watched_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+        """The configured event loop (uvloop or asyncio's), watched from its first tick."""
+        make = configured(name) or asyncio.new_event_loop
+
+        def new_event_loop() -> asyncio.AbstractEventLoop:
+            loop = make()
             probe.watch_loop(loop)
             return loop
 
-    asyncio.set_event_loop_policy(Policy())
-    from server.cli import main as broker_main
+        return new_event_loop
 
-    sys.exit(broker_main(argv))
+    cli.event_loop_factory = watched_loop_factory
+    sys.exit(cli.main(argv))
 
 
 if __name__ == "__main__":

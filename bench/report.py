@@ -128,6 +128,7 @@ def environment() -> dict[str, Any]:
     """Where the figures were measured, so runs on different machines or versions are not compared blindly."""
     import grpc
     import imapclient
+    import uvloop
 
     return {
         "cpus": os.cpu_count(),
@@ -136,6 +137,7 @@ def environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "grpcio": grpc.__version__,
         "imapclient": imapclient.__version__,
+        "uvloop": uvloop.__version__,
         "dovecot": _command(["dovecot", "--version"]),
         "commit": _command(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
         "dirty": bool(_command(["git", "-C", str(REPO), "status", "--porcelain", "--", "server"])),

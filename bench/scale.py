@@ -256,7 +256,7 @@ def watch_streams_10000(run: Run) -> FigureResult:
 
 def _floor_streams(run: Run, streams: int, processes: int, channels: int) -> tuple[ProcStatus, ProcStatus]:
     """A bare grpc.aio server's RSS before and with ``streams`` Health/Watch streams open: what gRPC itself costs."""
-    with BareServer(run.pki) as floor:
+    with BareServer(run.pki, run.event_loop) as floor:
         time.sleep(0.5)
         idle = status(floor.pid)
         settings = {
@@ -296,7 +296,7 @@ def get_account_throughput(run: Run) -> FigureResult:
     runs: dict[str, list[dict[str, float]]] = {"broker": [], "floor": []}
     latencies: list[float] = []
     errors = 0
-    with run.environment(result) as (mail, broker), BareServer(run.pki) as floor:
+    with run.environment(result) as (mail, broker), BareServer(run.pki, run.event_loop) as floor:
         with broker.channel() as channel:
             account = connect_account(channel, mail.dovecot, mail.new_mailbox("unary"))
         targets = {
@@ -355,7 +355,8 @@ def get_account_throughput(run: Run) -> FigureResult:
     result.add("failed calls", errors, "", Target("<=", 0))
     result.setup = (
         f"{SEPARATE_LOAD}; GetAccount on one IMAP account, {processes} load processes x {channels} mTLS "
-        f"connections x {concurrency} calls in flight (grpc.aio), {seconds:g} s after {warm_up:g} s of warm-up; "
+        f"connections x {concurrency} calls in flight (grpc.aio on uvloop), {seconds:g} s after {warm_up:g} s of "
+        f"warm-up; "
         f"{repetitions} repetitions, each also against a bare grpc.aio server (bench/floor.py) under the same load"
     )
     result.details.update(runs=runs)

@@ -347,7 +347,8 @@ async def _start(
     sweeper.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"event": "startup", "port": port})
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # "uvloop" or "asyncio"
+    log.info("serving", extra={"event": "startup", "port": port, "event_loop": loop})
     return Broker(
         server,
         port,

@@ -153,8 +153,20 @@ def _serve(args: argparse.Namespace) -> int:
     prepare_embedded_defaults(config, os.environ)
     if config.policy.watch_interval_seconds <= 0:
         watch = None  # 0 turns the watch off; SIGHUP still reloads
-    asyncio.run(_run(config, lambda: _load(args), watch=watch, running=running))
+    with asyncio.Runner(loop_factory=event_loop_factory(config.server.event_loop)) as runner:
+        runner.run(_run(config, lambda: _load(args), watch=watch, running=running))
     return 0
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of the configured event loop (None: asyncio's default)."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigurationError('server.event_loop = "uvloop" needs the uvloop package') from None
+        return uvloop.new_event_loop
+    return None
 
 
 async def _run(

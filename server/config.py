@@ -56,6 +56,9 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     # Threads for blocking provider client libraries (imapclient, smtplib); the store has a pool of its own.
     blocking_threads: int = 16
+    # The asyncio event loop the server runs on: "uvloop" (libuv; bench/: about 15% less CPU per gRPC call) or
+    # "asyncio" (the standard library's).
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -472,6 +475,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _validate(config: Config) -> None:
@@ -498,6 +502,8 @@ def _validate(config: Config) -> None:
     ):
         if getattr(config.limits, name) <= 0:
             raise ConfigurationError(f"config: limits.{name} must be positive")
+    if config.server.event_loop not in EVENT_LOOPS:
+        raise ConfigurationError(f"config: server.event_loop must be one of {', '.join(EVENT_LOOPS)}")
     for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams", "blocking_threads"):
         if getattr(config.server, name) <= 0:
             raise ConfigurationError(f"config: server.{name} must be positive")

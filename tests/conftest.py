@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from server.cli import event_loop_factory
+from server.config import ServerConfig
 from server.logging.filters import scrub
 from tests.postgres import PostgresServer
 
@@ -33,6 +38,13 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     for handler in (plugin.caplog_handler, plugin.report_handler):
         handler.setFormatter(_RedactedCopyFormatter(handler.formatter or logging.Formatter()))
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Every async test, and the brokers tests start in their own loop, runs on the event loop a broker runs on by
+    default (``[server] event_loop``); ``MAILBROKER_TEST_EVENT_LOOP=asyncio`` runs the suite on the other."""
+    name = os.environ.get("MAILBROKER_TEST_EVENT_LOOP") or ServerConfig().event_loop
+    return {name: event_loop_factory(name) or asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session")

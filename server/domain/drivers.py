@@ -49,6 +49,9 @@ class Drivers:
         return set(list(self._drivers))
 
     async def get(self, account: Account) -> MailDriver:
+        cached = self._drivers.get(account.id)
+        if cached is not None and cached[0] == account.update_time:
+            return cached[1]  # the common case, without queueing behind another account's driver being built
         async with self._lock:
             cached = self._drivers.get(account.id)
             if cached is not None and cached[0] == account.update_time:

@@ -29,8 +29,10 @@ ALLOWED_FIELDS: Final[frozenset[str]] = frozenset(
         "count",
         # Key management: which key-encryption-key version wrapped or unwrapped a data key (never the key).
         "kek_version",
-        # Start-up: the port the server bound and the paths of files it read (config, keys, certificates).
+        # Start-up: the port the server bound, the event loop it runs on ("uvloop", "asyncio") and the paths of files
+        # it read (config, keys, certificates).
         "port",
+        "event_loop",
         "path",
     }
 )

@@ -435,9 +435,13 @@ _ENCODED_WORD = re.compile(r"=\?([^?*\s]{1,64})(?:\*[^?\s]{0,32})?\?([bBqQ])\?([
 _CLEAN = {c: "\ufffd" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F)} | {0x0A: " ", 0x0D: " "}
 
 
+_HAS_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _CLEAN) + "]")
+
+
 def clean_text(text: str) -> str:
     """Decoded header text made safe to hand on: CR and LF become spaces, other controls (tab excepted) U+FFFD."""
-    return text.translate(_CLEAN)
+    # Most text holds no control character: one scan in C, where translate() looks up every character.
+    return text.translate(_CLEAN) if _HAS_CONTROL.search(text) else text
 
 
 def decode_header_text(value: str) -> str:
@@ -750,8 +754,11 @@ def _phrase(tokens: Sequence[tuple[str, str]]) -> str:
     return clean_text(decode_header_text("".join(pieces))).strip()
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
 def _has_control(text: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    return _CONTROL_CHARACTER.search(text) is not None
 
 
 _MESSAGE_ID = re.compile(r"<([^<>\s]{1,998})>")

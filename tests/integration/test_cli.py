@@ -43,12 +43,13 @@ class Serving:
                 self.process.stdout.close()
 
 
-def _serve(data_dir: Path, *extra: str) -> Serving:
+def _serve(data_dir: Path, *extra: str, env: dict[str, str] | None = None, log: int = subprocess.DEVNULL) -> Serving:
     process = subprocess.Popen(
         [*MAILBROKER, "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
     banner: list[str] = []
@@ -212,3 +213,23 @@ def test_dev_pki_adds_clients_and_keys_init_refuses_to_overwrite(tmp_path: Path)
     before = keys.read_bytes()
     _fails_in_one_line("keys", "init", "--file", str(keys))
     assert keys.read_bytes() == before
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_broker_serves_on_either_event_loop(tmp_path: Path, loop: str) -> None:
+    running = _serve(tmp_path / "var", env={"MAILBROKER_SERVER_EVENT_LOOP": loop}, log=subprocess.PIPE)
+    try:
+        listed = subprocess.run(running.commands()[1], capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(listed.stdout) == {}
+    finally:
+        assert running.stop() == 0
+    assert running.process.stderr is not None
+    with running.process.stderr as log:
+        started = [json.loads(line) for line in log.read().splitlines() if '"startup"' in line]
+    assert [line["event_loop"] for line in started] == [loop]
+
+
+def test_an_unknown_event_loop_is_one_line(tmp_path: Path) -> None:
+    unknown = {"MAILBROKER_SERVER_EVENT_LOOP": "trio"}
+    line = _fails_in_one_line("serve", "--data-dir", str(tmp_path / "var"), env=unknown)
+    assert "server.event_loop" in line
