@@ -186,16 +186,23 @@ async def _run(
     running = running if running is not None else []
     # SIGHUP reloads [policy] from the same file, environment and flags; its default action would end the process.
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_policy(running, reload))
-    broker = await start(config, environ=os.environ)
-    running.append(broker)
-    if watch is not None:
-        # The file watch reloads the same way when the config file changes ([policy] watch_interval_seconds).
-        watch.start(config.policy.watch_interval_seconds)
-    _print_banner(config, broker.port)
-    await stop.wait()
-    if watch is not None:
-        await watch.stop()
-    await broker.stop()
+    try:
+        broker = await start(config, environ=os.environ)
+        running.append(broker)
+        if watch is not None:
+            # The file watch reloads the same way when the config file changes ([policy] watch_interval_seconds).
+            watch.start(config.policy.watch_interval_seconds)
+        _print_banner(config, broker.port)
+        await stop.wait()
+        if watch is not None:
+            await watch.stop()
+        await broker.stop()
+    finally:
+        # Handed back while the loop runs (uvloop restores nothing once closed): a second SIGTERM or ^C during the
+        # interpreter's exit (threads finishing a blocking call) then ends the process, and a late SIGHUP is ignored.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _reload_policy(running: list[Broker], reload: Callable[[], Config] | None) -> None:

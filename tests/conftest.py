@@ -41,8 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
-    """Every async test, and the brokers tests start in their own loop, runs on the event loop a broker runs on by
-    default (``[server] event_loop``); ``MAILBROKER_TEST_EVENT_LOOP=asyncio`` runs the suite on the other."""
+    """Every async test, and the brokers tests start in their process, runs on the event loop a broker runs on by
+    default (``[server] event_loop``); ``MAILBROKER_TEST_EVENT_LOOP=asyncio`` runs them on the other."""
     name = os.environ.get("MAILBROKER_TEST_EVENT_LOOP") or ServerConfig().event_loop
     return {name: event_loop_factory(name) or asyncio.new_event_loop}
 

@@ -23,7 +23,7 @@ from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
 from server.config import Config, LimitsConfig
-from server.providers.microsoft.graph import MAX_CONCURRENT_REQUESTS
+from server.providers.microsoft.graph import MAX_CONCURRENT_REQUESTS, WELL_KNOWN
 from server.providers.microsoft.oauth import open_credential
 from tests.broker import RunningBroker, broker_config, error_reason, running_broker, stubs
 from tests.conformance.outlook_backend import REDIRECT_URI, microsoft_config
@@ -361,6 +361,18 @@ async def test_a_hundred_concurrent_calls_on_a_cold_token_make_one_refresh(micro
         )
         assert all(len(r.messages) == 1 for r in results)
     assert microsoft.emulator.counters().get("token.refresh_token", 0) - before == 1
+
+
+async def test_concurrent_calls_on_a_new_driver_look_up_the_well_known_folders_once(microsoft: MicrosoftSetup) -> None:
+    async with serving(microsoft) as broker, broker.channel(broker.pki.alice) as channel:
+        account = await _connect(stubs(channel)[0], microsoft.emulator, [rpb.CAPABILITY_READ])
+    lookups = [f"/v1.0/me/mailFolders/{name}" for name in WELL_KNOWN]
+    before = [r.path for r in microsoft.emulator.requests() if r.path in lookups]
+    async with serving(microsoft) as broker, broker.channel(broker.pki.alice) as channel:
+        _, mail = stubs(channel)
+        await asyncio.gather(*(mail.ListMessages(_inbox(account), timeout=60) for _ in range(CONCURRENT_CALLS)))
+    after = [r.path for r in microsoft.emulator.requests() if r.path in lookups]
+    assert sorted(after[len(before) :]) == sorted(lookups)
 
 
 async def test_the_rotated_refresh_token_is_persisted_on_every_refresh(microsoft: MicrosoftSetup) -> None:

@@ -20,7 +20,7 @@ from mailbroker.v1 import account_service_pb2_grpc, mail_service_pb2_grpc
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
-from server.config import DEV_CLIENT_IDENTITY
+from server.config import DEV_CLIENT_IDENTITY, EVENT_LOOPS
 from server.crypto.keyring import generate_key_file, load_keyring
 from server.domain.models import Capability
 from server.store.engine import create_engine
@@ -38,8 +38,8 @@ CANARY_RECIPIENT = f"{canary('recipient')}@example.test"
 ALL = {**CANARIES, "address": CANARY_ADDRESS, "recipient": CANARY_RECIPIENT}
 
 
-@pytest.fixture
-def broker_process(tmp_path: Path) -> Iterator[tuple[str, Path, str, Path]]:
+@pytest.fixture(params=EVENT_LOOPS)
+def broker_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, Path, str, Path]]:
     data = tmp_path / "var"
     data.mkdir(mode=0o700)
     generate_key_file(data / "keys.json")
@@ -59,7 +59,8 @@ def broker_process(tmp_path: Path) -> Iterator[tuple[str, Path, str, Path]]:
         "MAILBROKER_LOGGING_LEVEL": "DEBUG",
         "MAILBROKER_LOGGING_FILE": str(log_file),
         "GRPC_VERBOSITY": "debug",
-        "PYTHONASYNCIODEBUG": "1",
+        "PYTHONASYNCIODEBUG": "1",  # the loop's own debug logging too, on each event loop the broker can run on
+        "MAILBROKER_SERVER_EVENT_LOOP": request.param,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(data), "--listen", "127.0.0.1:0"],

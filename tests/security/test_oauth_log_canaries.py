@@ -25,6 +25,7 @@ from mailbroker.v1 import account_service_pb2_grpc, mail_service_pb2_grpc
 from mailbroker.v1 import mail_service_pb2 as mpb
 from mailbroker.v1 import resources_pb2 as rpb
 
+from server.config import EVENT_LOOPS
 from server.crypto.keyring import generate_key_file
 from tests.emulators.google import GoogleEmulator
 from tests.emulators.microsoft import MicrosoftEmulator
@@ -134,8 +135,10 @@ def provider(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Google]
     assert not made.emulator.internal_errors(), "the emulator failed"
 
 
-@pytest.fixture
-def broker_process(tmp_path: Path, provider: Google) -> Iterator[tuple[str, Path, Path]]:
+@pytest.fixture(params=EVENT_LOOPS)
+def broker_process(
+    tmp_path: Path, provider: Google, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, Path, Path]]:
     data = tmp_path / "var"
     data.mkdir(mode=0o700)
     generate_key_file(data / "keys.json")
@@ -150,7 +153,8 @@ def broker_process(tmp_path: Path, provider: Google) -> Iterator[tuple[str, Path
         # The client secret from the environment, as documented.
         f"MAILBROKER_{provider.name.upper()}_CLIENT_SECRET": CANARIES["secret"],
         "GRPC_VERBOSITY": "debug",
-        "PYTHONASYNCIODEBUG": "1",
+        "PYTHONASYNCIODEBUG": "1",  # the loop's own debug logging too, on each event loop the broker can run on
+        "MAILBROKER_SERVER_EVENT_LOOP": request.param,
     }
     process = subprocess.Popen(
         [

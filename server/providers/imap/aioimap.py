@@ -98,17 +98,9 @@ class AsyncImap:
         try:
             implicit = server.security is TransportSecurity.IMPLICIT_TLS
             async with asyncio.timeout(timeout):
-                sock = await network.connect_async(addresses, server.port)
-                try:
-                    reader, writer = await asyncio.open_connection(
-                        sock=sock,
-                        ssl=tls if implicit else None,
-                        server_hostname=server.host if implicit else None,
-                        limit=MAX_LINE,
-                    )
-                except BaseException:
-                    sock.close()
-                    raise
+                reader, writer = await network.open_stream(
+                    addresses, server.port, tls=tls if implicit else None, server_hostname=server.host, limit=MAX_LINE
+                )
         except ssl.SSLCertVerificationError as exc:
             raise FailedPrecondition(
                 "the mail server's TLS certificate could not be verified", reason="PROVIDER_TLS_UNTRUSTED"
@@ -174,6 +166,8 @@ class AsyncImap:
 
     async def _send(self, data: bytes) -> None:
         try:
+            if self._writer.is_closing():  # uvloop raises RuntimeError on a write after the connection was lost
+                raise ConnectionResetError("the connection is closed")
             self._writer.write(data)
             async with asyncio.timeout(self._timeout):
                 await self._writer.drain()

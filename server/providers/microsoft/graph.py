@@ -266,6 +266,7 @@ class GraphDriver:
         self._http = ThreadSessions(str(settings.ca_file) if settings.ca_file else True, settings.timeout_seconds)
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._well_known: dict[str, str] | None = None  # Graph id -> well-known name
+        self._well_known_lock = asyncio.Lock()
         self._delta: AccountDelta | None = None  # the account's one delta poller, made on first watch
 
     # -- calls -----------------------------------------------------------------------------------------------------
@@ -395,19 +396,25 @@ class GraphDriver:
     # -- folders ---------------------------------------------------------------------------------------------------
 
     async def well_known(self) -> dict[str, str]:
-        """Graph id → well-known name of the mailbox's well-known folders (asked once per driver; ids do not change)."""
-        if self._well_known is None:
+        """Graph id → well-known name of the mailbox's well-known folders (asked once per driver; ids do not change).
 
-            async def resolve(name: str) -> tuple[str, str] | None:
-                try:
-                    body = await self._get(self._url(f"me/mailFolders/{name}"), params={"$select": "id"})
-                except NotFound:
-                    return None  # a mailbox without that folder (no archive)
-                return (str(body.get("id", "")), name) if body.get("id") else None
+        Calls that find them unknown wait for the first one's answer: a hundred calls on a new driver would otherwise
+        each ask for every folder, through the same four requests per mailbox that Outlook allows."""
+        if self._well_known is not None:
+            return self._well_known
+        async with self._well_known_lock:
+            if self._well_known is None:
 
-            found = await asyncio.gather(*(resolve(name) for name in WELL_KNOWN))
-            self._well_known = dict(pair for pair in found if pair is not None)
-        return self._well_known
+                async def resolve(name: str) -> tuple[str, str] | None:
+                    try:
+                        body = await self._get(self._url(f"me/mailFolders/{name}"), params={"$select": "id"})
+                    except NotFound:
+                        return None  # a mailbox without that folder (no archive)
+                    return (str(body.get("id", "")), name) if body.get("id") else None
+
+                found = await asyncio.gather(*(resolve(name) for name in WELL_KNOWN))
+                self._well_known = dict(pair for pair in found if pair is not None)
+            return self._well_known
 
     async def folder_key(self, graph_id: str) -> str:
         """The broker's folder id of a Graph folder id."""
