@@ -1,4 +1,5 @@
-"""IMAP change-feed figures: delivery → event latency on one account, and 1,000 watched accounts in one process.
+"""IMAP change-feed figures: delivery → event latency (on one mailbox, and spread over ten on a Dovecot that
+hibernates IDLE connections), and 1,000 watched accounts in one process.
 
 Latency runs from just before the LMTP transaction starts (on a connection already open) to the moment this
 process reads the MessageAdded event off the WatchMailbox stream. The broker runs in its own process.
@@ -13,6 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,9 @@ async def _spread_latencies(
     """``count`` deliveries over ``boxes`` mailboxes at once (see _paired_latencies), the mailboxes starting
     ``gap / boxes`` apart so that deliveries do not come in bursts."""
     per_box = [count // boxes + (i < count % boxes) for i in range(boxes)]
+    # Each mailbox can hold two threads at once (a delivery, a wait for the plain client): enough for all of them,
+    # so that no mailbox's delivery waits for a thread.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2 * boxes + 4))
     async with broker.aio_channel() as channel:
         paired = (_paired_latencies(channel, mail, n, gap, gap * i / boxes) for i, n in enumerate(per_box))
         with run.profiled(result, broker.pid, phase):
@@ -194,24 +199,28 @@ async def _paired_latencies(
     after the previous event); and how many deliveries either of them did not see within LATE seconds (left out
     of both lists)."""
     box = mail.new_mailbox()
-    sender = await asyncio.to_thread(LmtpSender, mail.dovecot)
-    direct = await asyncio.to_thread(DirectIdle, mail, box.address)
     delivered = late = 0
     feed: list[float] = []
     plain: list[float] = []
-
-    async def deliver(subject: str) -> float:
-        nonlocal delivered
-        began = await asyncio.to_thread(sender.deliver, box.address, note(subject, box.address))
-        delivered += 1
-        return began
-
-    accounts = account_stub(channel)
-    account = (await accounts.ConnectImapAccount(connect_request(mail.dovecot, box), timeout=30)).name
     arrivals = Arrivals()
-    stream = watch(mail_stub(channel), account)
-    reader = asyncio.create_task(follow(stream, arrivals, asyncio.Event()))
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:
+        sender = await asyncio.to_thread(LmtpSender, mail.dovecot)
+        cleanup.push_async_callback(asyncio.to_thread, sender.close)
+        direct = await asyncio.to_thread(DirectIdle, mail, box.address)
+        cleanup.push_async_callback(asyncio.to_thread, direct.close)
+        accounts = account_stub(channel)
+        account = (await accounts.ConnectImapAccount(connect_request(mail.dovecot, box), timeout=30)).name
+        stream = watch(mail_stub(channel), account)
+        cleanup.callback(stream.cancel)
+        reader = asyncio.create_task(follow(stream, arrivals, asyncio.Event()))
+        cleanup.callback(reader.cancel)
+
+        async def deliver(subject: str) -> float:
+            nonlocal delivered
+            began = await asyncio.to_thread(sender.deliver, box.address, note(subject, box.address))
+            delivered += 1
+            return began
+
         # Both connections settle first: a hibernating Dovecot must not get mail in the half second before it
         # hibernates a connection (see SETTLE). Until a delivery shows up the feed is not known to be watching;
         # the warm-ups also open the broker's read connection.
@@ -238,11 +247,6 @@ async def _paired_latencies(
                 feed.append(feed_at - began)
                 plain.append(plain_at - began)
             await asyncio.sleep(gap)
-    finally:
-        reader.cancel()
-        stream.cancel()
-        await asyncio.to_thread(sender.close)
-        await asyncio.to_thread(direct.close)
     return feed, plain, late
 
 

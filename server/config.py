@@ -56,7 +56,7 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     # Threads for blocking provider client libraries (imapclient, smtplib); the store has a pool of its own.
     blocking_threads: int = 16
-    # The asyncio event loop the server runs on: "uvloop" (libuv; bench/: about 15% less CPU per gRPC call) or
+    # The asyncio event loop the server runs on: "uvloop" (libuv; bench/: about 10% less CPU per gRPC call) or
     # "asyncio" (the standard library's).
     event_loop: str = "uvloop"
 

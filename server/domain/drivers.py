@@ -106,10 +106,14 @@ class Drivers:
 
     async def evict(self, account_id: str) -> None:
         """Close and forget an account's driver (erasure, re-authentication)."""
+        # Forgotten at once, so that ``get`` stops handing it out; then once more after any driver being built
+        # meanwhile for the account (``get`` holds the lock while it builds one).
+        evicted = [self._drivers.pop(account_id, None)]
         async with self._lock:
-            cached = self._drivers.pop(account_id, None)
-        if cached is not None:
-            await cached[1].close()
+            evicted.append(self._drivers.pop(account_id, None))
+        for cached in evicted:
+            if cached is not None:
+                await cached[1].close()
 
     async def close(self) -> None:
         async with self._lock:

@@ -43,11 +43,11 @@ class Serving:
                 self.process.stdout.close()
 
 
-def _serve(data_dir: Path, *extra: str, env: dict[str, str] | None = None, log: int = subprocess.DEVNULL) -> Serving:
+def _serve(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Serving:
     process = subprocess.Popen(
         [*MAILBROKER, "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
         stdout=subprocess.PIPE,
-        stderr=log,
+        stderr=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
     )
@@ -217,15 +217,15 @@ def test_dev_pki_adds_clients_and_keys_init_refuses_to_overwrite(tmp_path: Path)
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_the_broker_serves_on_either_event_loop(tmp_path: Path, loop: str) -> None:
-    running = _serve(tmp_path / "var", env={"MAILBROKER_SERVER_EVENT_LOOP": loop}, log=subprocess.PIPE)
+    log = tmp_path / "broker.jsonl"
+    running = _serve(tmp_path / "var", env={"MAILBROKER_SERVER_EVENT_LOOP": loop, "MAILBROKER_LOGGING_FILE": str(log)})
     try:
         listed = subprocess.run(running.commands()[1], capture_output=True, text=True, timeout=30, check=True)
         assert json.loads(listed.stdout) == {}
     finally:
-        assert running.stop() == 0
-    assert running.process.stderr is not None
-    with running.process.stderr as log:
-        started = [json.loads(line) for line in log.read().splitlines() if '"startup"' in line]
+        stopped = running.stop()
+    assert stopped == 0
+    started = [json.loads(line) for line in log.read_text().splitlines() if '"startup"' in line]
     assert [line["event_loop"] for line in started] == [loop]
 
 

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from mailbroker.v1 import account_service_pb2, mail_service_pb2
 
 from server.app import Broker, start
+from server.cli import event_loop_factory
 from server.config import Config
 from server.domain.models import Capability
 from server.providers.imap import ids, network
@@ -230,7 +231,7 @@ def fuzzed_broker(tmp_path: Path, pki: TestPki) -> Iterator[tuple[FuzzClient, tu
     """A broker on its own event loop thread, a seeded account of alice's, an mTLS channel as alice, and the
     resource names that reach that account."""
     config = fuzz_config(tmp_path, pki)
-    loop = asyncio.new_event_loop()
+    loop = (event_loop_factory(config.server.event_loop) or asyncio.new_event_loop)()  # the loop a broker runs on
     ready = threading.Event()
     holder: dict[str, Broker] = {}
     original = network.resolve

@@ -7,7 +7,8 @@ resolving the name again), while TLS still sends and verifies the name (SNI, cer
 that resolves to a public address when the account is connected and to a private one later (DNS rebinding) is
 refused at the later connection.
 
-Everything but :func:`resolve_async` blocks: callers run it in a BlockingPool thread.
+:meth:`NetworkGuard.addresses` and :func:`connect` block (callers run them in a BlockingPool thread);
+:meth:`NetworkGuard.addresses_async` and :func:`open_stream` are their event-loop forms.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ class GraphDriver:
         self._http = ThreadSessions(str(settings.ca_file) if settings.ca_file else True, settings.timeout_seconds)
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._well_known: dict[str, str] | None = None  # Graph id -> well-known name
-        self._well_known_lock = asyncio.Lock()
+        self._well_known_lookup: asyncio.Future[dict[str, str]] | None = None  # the one in progress
         self._delta: AccountDelta | None = None  # the account's one delta poller, made on first watch
 
     # -- calls -----------------------------------------------------------------------------------------------------
@@ -398,23 +398,33 @@ class GraphDriver:
     async def well_known(self) -> dict[str, str]:
         """Graph id → well-known name of the mailbox's well-known folders (asked once per driver; ids do not change).
 
-        Calls that find them unknown wait for the first one's answer: a hundred calls on a new driver would otherwise
-        each ask for every folder, through the same four requests per mailbox that Outlook allows."""
+        Concurrent calls share one lookup, its answer or its error: a hundred calls on a new driver would otherwise
+        each ask for every folder, through the same four requests per mailbox that Outlook allows. A lookup that
+        failed is made again by the next call."""
         if self._well_known is not None:
             return self._well_known
-        async with self._well_known_lock:
-            if self._well_known is None:
+        if self._well_known_lookup is None:
+            lookup = asyncio.ensure_future(self._look_up_well_known())
+            lookup.add_done_callback(self._well_known_found)
+            self._well_known_lookup = lookup
+        # Shielded: a caller whose deadline passes stops waiting, and the lookup goes on for the others.
+        return await asyncio.shield(self._well_known_lookup)
 
-                async def resolve(name: str) -> tuple[str, str] | None:
-                    try:
-                        body = await self._get(self._url(f"me/mailFolders/{name}"), params={"$select": "id"})
-                    except NotFound:
-                        return None  # a mailbox without that folder (no archive)
-                    return (str(body.get("id", "")), name) if body.get("id") else None
+    def _well_known_found(self, lookup: asyncio.Future[dict[str, str]]) -> None:
+        self._well_known_lookup = None
+        if not lookup.cancelled() and lookup.exception() is None:
+            self._well_known = lookup.result()
 
-                found = await asyncio.gather(*(resolve(name) for name in WELL_KNOWN))
-                self._well_known = dict(pair for pair in found if pair is not None)
-            return self._well_known
+    async def _look_up_well_known(self) -> dict[str, str]:
+        async def resolve(name: str) -> tuple[str, str] | None:
+            try:
+                body = await self._get(self._url(f"me/mailFolders/{name}"), params={"$select": "id"})
+            except NotFound:
+                return None  # a mailbox without that folder (no archive)
+            return (str(body.get("id", "")), name) if body.get("id") else None
+
+        found = await asyncio.gather(*(resolve(name) for name in WELL_KNOWN))
+        return dict(pair for pair in found if pair is not None)
 
     async def folder_key(self, graph_id: str) -> str:
         """The broker's folder id of a Graph folder id."""
@@ -661,6 +671,8 @@ class GraphDriver:
     async def close(self) -> None:
         if self._delta is not None:
             self._delta.close()
+        if self._well_known_lookup is not None:
+            self._well_known_lookup.cancel()
         self._http.close()
 
 
