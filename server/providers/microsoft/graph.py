@@ -423,7 +423,13 @@ class GraphDriver:
                 return None  # a mailbox without that folder (no archive)
             return (str(body.get("id", "")), name) if body.get("id") else None
 
-        found = await asyncio.gather(*(resolve(name) for name in WELL_KNOWN))
+        lookups = [asyncio.ensure_future(resolve(name)) for name in WELL_KNOWN]
+        try:
+            found = await asyncio.gather(*lookups)
+        except BaseException:
+            for lookup in lookups:  # one failed: the others' answers would be thrown away
+                lookup.cancel()
+            raise
         return dict(pair for pair in found if pair is not None)
 
     async def folder_key(self, graph_id: str) -> str:
