@@ -1,9 +1,10 @@
 """``python -m bench``: run the performance figures, print the table, write bench/results/<timestamp>.json.
 
-    python -m bench                 every figure at full scale (about 12 minutes on 2 cores, more with fuzz)
+    python -m bench                 every figure at full scale (about 25 minutes on 2 cores, 11 of them the fuzz)
     python -m bench --quick         small counts, about 100 s: a smoke pass (checks only that every
-                                    figure produced its numbers; never times)
+                                    figure produced its numbers; never times; the test suite runs it)
     python -m bench --only feed_latency --profile    one figure, with a py-spy profile of the broker
+    python -m bench --event-loop asyncio             the broker on asyncio's loop instead of uvloop
 
 Exit status: 0 when every figure produced its numbers, 1 when one failed. A missed target is reported, not failed:
 these are benchmarks, not timed tests.
