@@ -375,36 +375,6 @@ async def test_concurrent_calls_on_a_new_driver_look_up_the_well_known_folders_o
     assert sorted(after[len(before) :]) == sorted(lookups)
 
 
-async def test_a_failed_well_known_lookup_fails_its_waiters_alike_and_the_next_call_looks_again(
-    microsoft: MicrosoftSetup,
-) -> None:
-    microsoft.emulator.deliver(USER, _mail("canary looked up"))
-    async with serving(microsoft) as broker, broker.channel(broker.pki.alice) as channel:
-        account = await _connect(stubs(channel)[0], microsoft.emulator, [rpb.CAPABILITY_READ])
-    lookups = [f"/v1.0/me/mailFolders/{name}" for name in WELL_KNOWN]
-
-    def looked_up() -> int:
-        return sum(r.path in lookups for r in microsoft.emulator.requests())
-
-    before = looked_up()
-    microsoft.emulator.fail_next_requests(
-        len(WELL_KNOWN), status=403, code="ErrorAccessDenied", message="Access is denied.", endpoints=["mailFolder.get"]
-    )
-    async with serving(microsoft) as broker, broker.channel(broker.pki.alice) as channel:
-        _, mail = stubs(channel)
-        failed = await asyncio.gather(
-            *(mail.ListMessages(_inbox(account), timeout=60) for _ in range(10)), return_exceptions=True
-        )
-        assert [(e.code(), error_reason(e)) for e in failed if isinstance(e, grpc.aio.AioRpcError)] == [
-            (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_NOT_GRANTED")
-        ] * 10
-        assert looked_up() - before <= len(WELL_KNOWN)  # one lookup for the ten calls, not one each
-        microsoft.emulator.clear_faults()
-        # The failure was not kept: the next call looks the folders up again, and this time they are found.
-        listed = await mail.ListMessages(_inbox(account), timeout=60)
-        assert len(listed.messages) == 1
-
-
 async def test_the_rotated_refresh_token_is_persisted_on_every_refresh(microsoft: MicrosoftSetup) -> None:
     async with serving(microsoft) as broker, broker.channel(broker.pki.alice) as channel:
         accounts, mail = stubs(channel)
