@@ -13,6 +13,7 @@ import pytest
 from server.cli import event_loop_factory
 from server.config import ServerConfig
 from server.logging.filters import scrub
+from server.logging.setup import LOCK_HOLDING_LOGGERS
 from tests.postgres import PostgresServer
 
 
@@ -33,6 +34,10 @@ class _RedactedCopyFormatter(logging.Formatter):
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    # As the broker's logging does (server/logging/setup.py), also for tests that raise the root level themselves:
+    # gRPC's Cython layer logs under a lock that garbage collection in another thread can need (a deadlock).
+    for name in LOCK_HOLDING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     plugin = config.pluginmanager.get_plugin("logging-plugin")
     if plugin is None:
         return

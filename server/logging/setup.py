@@ -51,6 +51,11 @@ THIRD_PARTY_LOGGERS: Final = (
 # Protocol traces that carry message content (FETCH bodies, SMTP DATA lines, envelope addresses). The filter masks
 # shapes, not a subject or a body, so these stay at WARNING even at DEBUG.
 CONTENT_TRACE_LOGGERS: Final = ("imapclient.imaplib", "mail.log")
+# gRPC's Cython layer logs at DEBUG while it holds its global asyncio lock, and a grpc object that the garbage
+# collector finalises takes that lock in whatever thread the collection runs. If that thread holds a log handler's
+# lock at the time (it was logging), each waits for the other for ever: seen in the suite, a thread collecting in
+# the middle of a log line and the event loop making a channel. Held at WARNING even at DEBUG.
+LOCK_HOLDING_LOGGERS: Final = ("grpc._cython",)
 _LIBRARY_FLOOR: Final = logging.WARNING
 
 
@@ -105,7 +110,7 @@ def _route_libraries(level: int) -> None:
             logger.removeHandler(handler)
         logger.propagate = True
         logger.setLevel(library_level)
-    for name in CONTENT_TRACE_LOGGERS:
+    for name in (*CONTENT_TRACE_LOGGERS, *LOCK_HOLDING_LOGGERS):
         logging.getLogger(name).setLevel(max(_LIBRARY_FLOOR, level))
     # google-auth turns propagation of the "google" logger off the first time it logs, unless that logger looks
     # configured; its records would then bypass our handlers (and their filter) for good. A NullHandler makes it

@@ -205,7 +205,8 @@ def _emit_libraries() -> int:
     imap.debug("> b'%s'", xoauth2)
     plain = base64.b64encode(f"\0{EMAIL}\0{PASSWORD}".encode()).decode()
     imap.debug("> b'%s'", plain)
-    logging.getLogger("grpc._cython.cygrpc").debug("metadata %s", [("authorization", f"Bearer {JWT}")])
+    # At WARNING: grpc's Cython layer is held there even at DEBUG (see LOCK_HOLDING_LOGGERS).
+    logging.getLogger("grpc._cython.cygrpc").warning("metadata %s", [("authorization", f"Bearer {JWT}")])
     logging.getLogger("grpc._cython.cygrpc").error("Unexpected error in servicer", exc_info=_captured_error())
     return 10
 
@@ -497,6 +498,16 @@ def test_libraries_speak_at_debug_but_content_traces_never_do(tmp_path: Path) ->
     logging.getLogger("mail.log").info("('127.0.0.1', 5) >> b'DATA'")
 
     assert [record["msg"] for record in _records(stream.getvalue())] == ["library debug line"]
+
+
+def test_grpc_cython_debug_lines_stay_off_at_debug(tmp_path: Path) -> None:
+    # They are logged under gRPC's global aio lock: a handler's lock held meanwhile by a thread whose garbage
+    # collection finalises a grpc object deadlocks the process (see LOCK_HOLDING_LOGGERS).
+    _configure(tmp_path, "DEBUG")
+
+    assert logging.getLogger("grpc").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("grpc._cython.cygrpc").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("grpc._cython.cygrpc").isEnabledFor(logging.WARNING)
 
 
 def test_library_handlers_are_removed_and_records_propagate(tmp_path: Path) -> None:
