@@ -11,6 +11,7 @@ from email.errors import HeaderParseError
 from email.headerregistry import Address
 
 from server.domain.blocking import BlockingPool
+from server.domain.deadline import MARGIN_SECONDS
 from server.domain.models import (
     Account,
     AccountProfile,
@@ -28,7 +29,6 @@ from server.providers.imap.network import SERVER_ROLES, HostNotAllowed
 from server.store.ids import new_account_id
 from server.store.repository import Store
 
-DEADLINE_MARGIN_SECONDS = 0.25
 MAX_HOST_CHARS = 253
 MAX_USERNAME_CHARS = 256
 MAX_PASSWORD_CHARS = 1024
@@ -138,7 +138,7 @@ class ImapAccounts:
         timeout = self._settings.timeout_seconds
         if deadline is not None:
             # Give up a little before the caller does, so it gets our reason rather than a bare DEADLINE_EXCEEDED.
-            timeout = max(0.1, min(deadline - DEADLINE_MARGIN_SECONDS, timeout))
+            timeout = max(0.1, min(deadline - MARGIN_SECONDS, timeout))
         await driver.verify(smtp=Capability.SEND in request.capabilities, timeout=timeout)
         account = Account(
             id=new_account_id(),

@@ -86,7 +86,6 @@ NOT_FOLDERS = frozenset({"UNREAD", "CHAT"})
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 CONNECT_RETRIES = 2
 TOKEN_REFRESHES = 2
-DEADLINE_MARGIN_SECONDS = 0.25
 LIST_FETCH_CONCURRENCY = 8
 
 
@@ -302,12 +301,7 @@ class GmailDriver:
         """``invalid``: what a 400 means when the call names a resource by an id the caller gave (Gmail answers
         "Invalid id value" for an id it cannot parse)."""
         loop = asyncio.get_running_loop()
-        budget = self._settings.max_retry_seconds
-        left = deadline.remaining()
-        if left is not None:
-            # Stop retrying in time to answer with the reason before the caller's deadline cuts the call off.
-            budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
-        give_up = loop.time() + budget
+        give_up = loop.time() + deadline.retry_budget(self._settings.max_retry_seconds)
         attempt = 0
         refreshes = 0
         while True:

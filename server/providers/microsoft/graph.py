@@ -98,7 +98,6 @@ ATTACHMENT_BASE_FIELDS = "id,name,contentType,size,isInline"
 FILE_ATTACHMENT = "#microsoft.graph.fileAttachment"
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 CONNECT_RETRIES = 2
-DEADLINE_MARGIN_SECONDS = 0.25
 MAX_FOLDERS = 1000
 DELTA_PAGE_SIZE = 50
 _CURSOR_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid", "invaliddeltatoken"})
@@ -316,12 +315,7 @@ class GraphDriver:
         one of the mailbox's request slots until it calls :meth:`_release` (the body is still being read)."""
         with self._settings.stats.counting(MICROSOFT):
             loop = asyncio.get_running_loop()
-            budget = self._settings.max_retry_seconds
-            left = deadline.remaining()
-            if left is not None:
-                # Stop retrying in time to answer with the reason before the caller's deadline cuts the call off.
-                budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
-            give_up = loop.time() + budget
+            give_up = loop.time() + deadline.retry_budget(self._settings.max_retry_seconds)
             attempt = 0
             refreshed = False
             while True:
